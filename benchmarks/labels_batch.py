@@ -17,6 +17,13 @@ the held-out accuracy goes to stderr). LeNet uses ReLU (its DLG default, sigmoid
 does not train here).
 ResNet-18 runs at width ``--resnet-width`` (16 by default, to fit 2 CPU cores) and
 every model at ``--image-size`` (16 by default).
+
+``--bounds`` adds a column ``rlu*``: RLU's least squares with the auxiliary statistics
+taken at the client's *real* intermediate models (replayed from the truth, which the
+server never sees). It is the best any drift model built on auxiliary statistics can
+do, so ``rlu*`` minus ``rlu`` is what RLU's drift simulation loses and 1 minus ``rlu*``
+is what the auxiliary statistics themselves cannot explain (for m = 1 they coincide
+with RLU). Models with batch norm are left out of it (n/a).
 """
 
 from __future__ import annotations
@@ -33,12 +40,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gitool.aux_stats import aux_statistics  # noqa: E402
-from gitool.capture import CaptureConfig, SampleChoice, capture  # noqa: E402
+from gitool.attacks import rlu as rlu_math  # noqa: E402
+from gitool.attacks.label_counts import largest_remainder  # noqa: E402
+from gitool.aux_stats import aux_statistics, model_outputs  # noqa: E402
+from gitool.capture import CaptureConfig, SampleChoice, capture, local_training  # noqa: E402
 from gitool.data import open_source  # noqa: E402
 from gitool.errors import GitoolError  # noqa: E402
-from gitool.files import InputSpec, TrainingSpec  # noqa: E402
+from gitool.files import DefenceSpec, InputSpec, TrainingSpec  # noqa: E402
 from gitool.labels import recover_labels  # noqa: E402
+from gitool.labels_batch import output_layer  # noqa: E402
 from gitool.metrics import score_counts  # noqa: E402
 from gitool.models import ModelSpec, build_model, init_parameters  # noqa: E402
 
@@ -85,6 +95,7 @@ def grid(name: str) -> list[Row]:
 
 
 _MODELS: dict[tuple, dict] = {}
+_ACCURACY: dict[tuple, float] = {}
 
 
 def global_state(args, row: Row) -> dict[str, torch.Tensor]:
@@ -105,6 +116,7 @@ def global_state(args, row: Row) -> dict[str, torch.Tensor]:
                              lr=args.train_lr, batch_size=64, seed=0)
         print(f"trained {row.model} K={row.classes}: held-out accuracy {report.heldout_accuracy:.3f} "
               f"({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+        _ACCURACY[key] = report.heldout_accuracy
     _MODELS[key] = {n: t.detach().clone() for n, t in model.state_dict().items()}
     return _MODELS[key]
 
@@ -121,6 +133,29 @@ def data_spec(row: Row) -> str:
     return "synthetic" if row.classes <= 10 else "synthetic:16"
 
 
+def path_oracle(update, truth, aux):
+    """RLU's counts with the auxiliary statistics measured at the client's real
+    intermediate models theta_0 .. theta_{m-1} (replayed from the truth): the bound
+    described in the module docstring. None for models with batch norm."""
+    model = update.build_model(dtype=torch.float64)
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return None  # measuring in train mode would also move the running statistics
+    layer = output_layer(update)
+    use_bias = layer.bias is not None
+    systems = []
+
+    def measure(step):
+        probs, features = model_outputs(model, aux.inputs)
+        systems.append(rlu_math.step_system(probs, features, aux.labels, layer.weight.shape[0], not use_bias))
+
+    local_training(model, truth.inputs.to(torch.float64), truth.labels.to(torch.float64), update.training,
+                   DefenceSpec(), "delta", torch.Generator().manual_seed(0), before_step=measure)
+    observed = -layer.total * (layer.bias_grad if use_bias else layer.weight_grad.sum(dim=1))
+    estimate, _ = rlu_math.solve_counts_nnls(rlu_math.weighted_system(systems, layer.coefficients), observed,
+                                             layer.total)
+    return largest_remainder(estimate, layer.total)
+
+
 def run_row(args, row: Row) -> dict:
     spec = model_spec(args, row)
     state = global_state(args, row)
@@ -131,13 +166,19 @@ def run_row(args, row: Row) -> dict:
                             momentum=0.9 if row.optimizer == "momentum" else 0.0,
                             prox_mu=0.5 if row.optimizer == "fedprox" else 0.0)
     options = {"aux": data, "aux_per_class": args.aux_per_class, "seed": AUX_SEED, "device": "cpu"}
-    scores: dict[str, list] = {m: [] for m in METHODS}
+    scores: dict[str, list] = {m: [] for m in METHODS + ("rlu*",)}
     for index in range(args.updates):
         config = CaptureConfig(input=InputSpec(shape=spec.input_shape), training=training,
                                choice=SampleChoice(dirichlet_alpha=row.alpha), seed=1000 + index)
         update, truth = capture(source, spec, config, init_state=state)
-        if index == 0:  # the cached statistics are computed once per global model, untimed
-            aux_statistics(update, data, args.aux_per_class, AUX_SEED, "cpu")
+        # The cached statistics are computed once per global model, before any timing.
+        aux = aux_statistics(update, data, args.aux_per_class, AUX_SEED, "cpu")
+        if args.bounds:
+            started = time.perf_counter()
+            counts = path_oracle(update, truth, aux)
+            if counts is not None:
+                metrics = score_counts(counts, truth.counts)
+                scores["rlu*"].append((metrics["cAcc"], metrics["iAcc"], time.perf_counter() - started))
         for method in METHODS:
             started = time.perf_counter()
             try:
@@ -160,22 +201,27 @@ def main() -> None:
     parser.add_argument("--train-epochs", type=int, default=15)
     parser.add_argument("--train-lr", type=float, default=0.003)
     parser.add_argument("--only", default="", help="comma-separated row numbers (1-based) of the grid to run")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (the target is for 2 CPU cores)")
+    parser.add_argument("--bounds", action="store_true", help="add the rlu* column (see above)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    methods = METHODS + (("rlu*",) if args.bounds else ())
     rows = grid(args.grid)
     if args.only:
         rows = [rows[int(i) - 1] for i in args.only.split(",")]
     header = "| model | state | K | B | m | opt | alpha | " + " | ".join(
-        f"{m} cAcc/iAcc/s" for m in METHODS) + " |"
+        f"{m} cAcc/iAcc/s" for m in methods) + " |"
     print(header)
-    print("|" + "---|" * (7 + len(METHODS)))
+    print("|" + "---|" * (7 + len(methods)))
     for row in rows:
         result = run_row(args, row)
         cells = []
-        for method in METHODS:
+        for method in methods:
             value = result[method]
             cells.append("n/a" if value is None else f"{value[0]:.3f}/{value[1]:.3f}/{value[2]:.3f}")
-        print(f"| {row.model} | {row.state} | {row.classes} | {row.batch} | {row.steps} | {row.optimizer} | "
+        accuracy = _ACCURACY.get((row.model, row.state, row.classes))
+        state = row.state if accuracy is None else f"{row.state} ({100 * accuracy:.0f}%)"
+        print(f"| {row.model} | {state} | {row.classes} | {row.batch} | {row.steps} | {row.optimizer} | "
               f"{row.alpha} | " + " | ".join(cells) + " |", flush=True)
 
 

@@ -17,7 +17,7 @@ which is torch.optim.SGD's update with dampening 0 and no Nesterov.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -257,9 +257,12 @@ class LocalTraining:
 
 
 def local_training(model, inputs: torch.Tensor, labels: torch.Tensor, training: TrainingSpec,
-                   defence: DefenceSpec, send: str, generator: torch.Generator) -> LocalTraining:
+                   defence: DefenceSpec, send: str, generator: torch.Generator,
+                   before_step: Callable[[int], None] | None = None) -> LocalTraining:
     """Run the client's local training on ``inputs`` (N = B x m rows, in step order) and
-    return what it sends: the gradient (one step) or theta_after - theta_before."""
+    return what it sends: the gradient (one step) or theta_after - theta_before.
+    ``before_step(t)`` is called with the model at theta_t, before step t (benchmarks
+    use it to look at the intermediate models the server never sees)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     names = [n for n, _ in named]
     params = [p for _, p in named]
@@ -270,6 +273,8 @@ def local_training(model, inputs: torch.Tensor, labels: torch.Tensor, training: 
     all_features, steps = [], []
     sent: dict[str, torch.Tensor] = {}
     for t in range(training.steps):
+        if before_step is not None:
+            before_step(t)
         batch = slice(t * b, (t + 1) * b)
         grads, features = _batch_gradient(model, params, inputs[batch], labels[batch], defence, generator)
         all_features.append(features)

@@ -219,6 +219,11 @@ def rlu(update, options: dict) -> LabelOutcome:
 
 
 SIMULATION_SIZE = 200
+# With batch norm, the simulated path's system is measured at this many of the m + 1
+# steps and interpolated in between (each measurement is one more forward pass).
+SIMULATION_POINTS = 6
+# A refinement round that moves at most this fraction of the N labels ends the refinement.
+REFINE_TOLERANCE = 0.02
 
 
 def simulation_subset(labels: torch.Tensor, num_classes: int, size: int) -> torch.Tensor:
@@ -235,7 +240,7 @@ def recover_rlu(update, layer: OutputLayer, aux, model, refine_rounds: int = 3):
     on the auxiliary set, solved once. For m > 1 the first estimate places the steps
     between the global and the received model; each refinement round simulates the m
     local steps on the auxiliary set with the current counts, calibrates the simulated
-    path against the received model and solves again, until the counts repeat.
+    path against the received model and solves again, until the counts settle (`_refine`).
 
     Without a last-layer bias the same system is written on the weight rows' sums: the
     stated approximation is that the client's per-class feature sums resemble the
@@ -288,23 +293,29 @@ def recover_rlu(update, layer: OutputLayer, aux, model, refine_rounds: int = 3):
         simulated, progress = rlu_math.simulate_drift(
             model, aux.inputs[keep], aux.labels[keep], estimate.to(aux.inputs.device), steps=layer.steps,
             batch_size=layer.batch_size, lr=training.lr, optimizer=training.optimizer, momentum=training.momentum,
-            prox_mu=training.prox_mu, weight_decay=training.weight_decay, use_feature_sums=not use_bias)
+            prox_mu=training.prox_mu, weight_decay=training.weight_decay, use_feature_sums=not use_bias,
+            points=SIMULATION_POINTS)
         return rlu_math.weighted_system(rlu_math.calibrate(simulated, progress, start, end), layer.coefficients)
 
     return _refine(simulated_system, estimate, residual, observed, layer.total, refine_rounds)
 
 
 def _refine(system_for, estimate: torch.Tensor, residual: float, observed: torch.Tensor, total: int,
-            rounds: int) -> tuple[torch.Tensor, dict]:
-    """Re-solve with the system of the current estimate until the counts repeat (at
-    most ``rounds`` times). Returns (counts, diagnostics)."""
+            rounds: int, tolerance: float = REFINE_TOLERANCE) -> tuple[torch.Tensor, dict]:
+    """Re-solve with the system of the current estimate, at most ``rounds`` times, until
+    a round moves at most ``tolerance`` x N labels from one class to another.
+
+    The system is itself an estimate (auxiliary data, a simulated path), so rounds
+    that move a few labels back and forth are noise: measured on the benchmark grid,
+    the first round does almost all of the good and later ones change iAcc by less than
+    half a point either way. Returns (counts, diagnostics)."""
     counts = lc.largest_remainder(estimate, total)
-    done = 0
+    done, moves = 0, []
     for done in range(1, rounds + 1):
         estimate, residual = rlu_math.solve_counts_nnls(system_for(estimate), observed, total)
         new_counts = lc.largest_remainder(estimate, total)
-        repeated = torch.equal(new_counts, counts)
+        moves.append(int((new_counts - counts).abs().sum()) // 2)
         counts = new_counts
-        if repeated:
+        if moves[-1] <= tolerance * total:
             break
-    return counts, {"residual": residual, "refinement_rounds": done}
+    return counts, {"residual": residual, "refinement_rounds": done, "labels_moved": moves}

@@ -95,6 +95,7 @@ def test_rlu_reports_its_refinement(capture_factory):
     update, _ = capture_update(capture_factory, "refine", batch=8, steps=4, alpha=0.5)
     outcome = recover_labels(update, "rlu", AUX)
     assert 1 <= outcome.diagnostics["refinement_rounds"] <= 3
+    assert len(outcome.diagnostics["labels_moved"]) == outcome.diagnostics["refinement_rounds"]
     assert outcome.diagnostics["aux_size"] == 100 and outcome.diagnostics["signal"] == "bias"
     assert outcome.summary[0].startswith("rlu: 32 labels")
 
@@ -155,3 +156,25 @@ def test_score_aggregates_counts_over_a_folder(capture_factory, run_cli, tmp_pat
     assert document["summary"]["labels"] == {"files": 2, "cAcc": 1.0, "iAcc": 1.0, "LnAcc": 1.0}
     table = run_cli("score", tmp_path, "--truth-dir", tmp_path)
     assert "iAcc" in table.stdout and "mean of 2" in table.stdout
+
+
+def test_refinement_stops_once_a_round_moves_almost_no_labels():
+    from gitool.labels_batch import _refine
+
+    system = torch.eye(3, dtype=torch.float64) - torch.full((3, 3), 1 / 3, dtype=torch.float64)
+    observed = system @ torch.tensor([50.0, 30.0, 20.0], dtype=torch.float64)
+    calls = []
+
+    def system_for(estimate):
+        calls.append(estimate.clone())
+        return system
+
+    # Start 10 labels away: the first round moves them, the second moves none and stops.
+    counts, diagnostics = _refine(system_for, torch.tensor([40.0, 40.0, 20.0], dtype=torch.float64), 1.0, observed,
+                                  100, rounds=5)
+    assert counts.tolist() == [50, 30, 20]
+    assert diagnostics["labels_moved"] == [10, 0] and diagnostics["refinement_rounds"] == 2 and len(calls) == 2
+    # With a 10% tolerance the first round's 10 moved labels already end it.
+    _, diagnostics = _refine(system_for, torch.tensor([40.0, 40.0, 20.0], dtype=torch.float64), 1.0, observed,
+                             100, rounds=5, tolerance=0.1)
+    assert diagnostics["labels_moved"] == [10]

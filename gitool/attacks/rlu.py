@@ -25,7 +25,8 @@ auxiliary set. The server sees neither the client's data nor the intermediate mo
    estimate, with the client's optimiser (`simulate_drift`); compare the simulated end
    with the received model (the auxiliary statistics at the received model are known
    exactly) and spread the end-point discrepancy along the simulated path in
-   proportion to progress (`calibrate`); solve again. Stop when the counts repeat.
+   proportion to progress (`calibrate`); solve again. Stop when a round moves
+   almost no labels.
    The simulation uses at most a couple of hundred auxiliary samples (it is the
    costly part); both ends are pinned to the statistics of the whole set.
 
@@ -126,7 +127,8 @@ def drifted_system(features0: torch.Tensor, features1: torch.Tensor, labels: tor
 def simulate_drift(model, inputs: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor, *, steps: int,
                    batch_size: int, lr: float, optimizer: str, momentum: float = 0.0, prox_mu: float = 0.0,
                    weight_decay: float = 0.0, use_feature_sums: bool = False,
-                   dtype: torch.dtype = torch.float32) -> tuple[list[torch.Tensor], torch.Tensor]:
+                   dtype: torch.dtype = torch.float32,
+                   points: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Simulate the client's m local steps on the auxiliary set from the global model.
 
     Every step's loss weights an auxiliary sample of class c by n_c / (m B |aux_c|), so
@@ -135,7 +137,12 @@ def simulate_drift(model, inputs: torch.Tensor, labels: torch.Tensor, counts: to
     the batch, each step trains on one batch of B samples with that mix instead. Returns the m + 1 systems A at theta_0 .. theta_m and the
     progress of the classifier, ||theta_s - theta_0|| / ||theta_m - theta_0||, s = 0..m.
     The simulation is an approximation anyway, so it runs in ``dtype`` (float32: twice
-    as fast as float64); the systems come back in float64. ``model`` is not modified."""
+    as fast as float64); the systems come back in float64. ``model`` is not modified.
+
+    ``points`` (batch norm only): measure the system at that many evenly spaced steps
+    (0 and m always) and interpolate linearly in between. With batch statistics every
+    measurement is an extra forward pass over the auxiliary samples, and the simulated
+    path (an expected gradient) is smooth."""
     from gitool.models import forward_with_features, last_linear
 
     model = copy.deepcopy(model).to(dtype)
@@ -159,18 +166,23 @@ def simulate_drift(model, inputs: torch.Tensor, labels: torch.Tensor, counts: to
         for norm in model.modules():
             if isinstance(norm, torch.nn.modules.batchnorm._BatchNorm):
                 norm.momentum = 1.0
+    measured = measured_steps(steps, points if batch_norm else None)
     systems, progress = [], []
     for step in range(steps + 1):
         if batch_norm:
             train_logits, _ = forward_with_features(model, inputs[batch])
-            model.eval()
-            with torch.no_grad():
-                logits, features = forward_with_features(model, inputs)
-            model.train()
+            if step in measured:
+                model.eval()
+                with torch.no_grad():
+                    logits, features = forward_with_features(model, inputs)
+                model.train()
         else:
             logits, features = forward_with_features(model, inputs)
-        probs = torch.softmax(logits.detach().double(), dim=1)
-        systems.append(step_system(probs, features.detach().double(), labels, num_classes, use_feature_sums))
+        if step in measured:
+            probs = torch.softmax(logits.detach().double(), dim=1)
+            systems.append(step_system(probs, features.detach().double(), labels, num_classes, use_feature_sums))
+        else:
+            systems.append(None)
         progress.append(float(torch.sqrt(sum(((p.detach() - p0) ** 2).sum()
                                              for p, p0 in zip(classifier, classifier_start)))))
         if step == steps:
@@ -187,7 +199,28 @@ def simulate_drift(model, inputs: torch.Tensor, labels: torch.Tensor, counts: to
                 v.mul_(gamma).add_(direction)
                 p.sub_(v, alpha=lr)
     progress_t = torch.tensor(progress, dtype=torch.float64)
-    return systems, progress_t / progress_t[-1].clamp_min(1e-300)
+    return interpolate_systems(systems), progress_t / progress_t[-1].clamp_min(1e-300)
+
+
+def measured_steps(steps: int, points: int | None) -> set[int]:
+    """The steps 0..m where `simulate_drift` measures the system: all of them, or
+    ``points`` evenly spaced ones (at least the two ends)."""
+    if points is None or points >= steps + 1:
+        return set(range(steps + 1))
+    points = max(points, 2)
+    return {round(i * steps / (points - 1)) for i in range(points)}
+
+
+def interpolate_systems(systems: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """Fill the unmeasured (None) entries linearly between their measured neighbours
+    (the first and last entries are always measured)."""
+    known = [i for i, system in enumerate(systems) if system is not None]
+    filled = list(systems)
+    for left, right in zip(known, known[1:]):
+        for i in range(left + 1, right):
+            weight = (i - left) / (right - left)
+            filled[i] = (1 - weight) * systems[left] + weight * systems[right]
+    return filled
 
 
 def calibrate(simulated: list[torch.Tensor], progress: torch.Tensor, start: torch.Tensor,

@@ -76,3 +76,34 @@ def test_outputs_with_batch_mix_use_the_mixed_batch_statistics():
     # Same statistics up to the unbiased/biased variance factor of batch norm (n = 10).
     assert torch.allclose(probs[batch], in_batch, atol=0.02)
     assert model.training and all(p.grad is None for p in model.parameters())
+
+
+def test_measured_steps_keep_both_ends_and_space_the_rest_evenly():
+    assert rlu.measured_steps(10, None) == set(range(11))
+    assert rlu.measured_steps(10, 6) == {0, 2, 4, 6, 8, 10}
+    assert rlu.measured_steps(3, 6) == {0, 1, 2, 3}
+    assert rlu.measured_steps(5, 1) == {0, 5}
+
+
+def test_interpolated_systems_lie_on_the_line_between_measured_ones():
+    first, last = torch.zeros(2, 2, dtype=torch.float64), torch.full((2, 2), 4.0, dtype=torch.float64)
+    filled = rlu.interpolate_systems([first, None, None, None, last])
+    assert [float(s[0, 0]) for s in filled] == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_simulated_drift_with_batch_norm_measures_only_the_asked_points():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6),
+                                torch.nn.ReLU(), torch.nn.Linear(6, 3)).double().train()
+    inputs = torch.randn(30, 1, 2, 2, dtype=torch.float64)
+    labels = torch.arange(30) % 3
+    counts = torch.tensor([10.0, 6.0, 4.0], dtype=torch.float64)
+    kwargs = dict(steps=4, batch_size=5, lr=0.3, optimizer="sgd", dtype=torch.float64)
+    every, progress = rlu.simulate_drift(model, inputs, labels, counts, **kwargs)
+    sparse, sparse_progress = rlu.simulate_drift(model, inputs, labels, counts, points=3, **kwargs)
+    # Measured steps 0, 2, 4 are exactly the full run's; 1 and 3 are their midpoints.
+    for step in (0, 2, 4):
+        assert torch.allclose(sparse[step], every[step], atol=1e-12)
+    assert torch.allclose(sparse[1], (every[0] + every[2]) / 2, atol=1e-12)
+    assert not torch.allclose(sparse[1], every[1], atol=1e-6)  # the path really bends a little
+    assert torch.equal(progress, sparse_progress)
