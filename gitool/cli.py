@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -50,12 +51,28 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("[bold red]error:[/] interrupted")
         sys.exit(130)
-    except Exception as exc:  # a bug, not bad input: still one line, traceback on request
+    except Exception as exc:
+        if is_out_of_memory(exc):  # a size the user asked for, not a bug
+            wanted = re.search(r"allocate (\d+) bytes", str(exc))
+            size = f" ({int(wanted.group(1)) / 2**30:.1f} GiB in one piece)" if wanted else ""
+            err.print(f"[bold red]error:[/] out of memory{size}: ask for a smaller model, batch, image size or number "
+                      "of classes", highlight=False, soft_wrap=True)
+            sys.exit(1)
+        # A bug, not bad input: still one line, traceback on request.
         if os.environ.get("GITOOL_DEBUG"):
             raise
         err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (set GITOOL_DEBUG=1 for a traceback)",
                   highlight=False, soft_wrap=True)
         sys.exit(1)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Python's MemoryError, torch's CUDA OutOfMemoryError, or the RuntimeError torch's
+    CPU allocator raises (it has no class of its own)."""
+    import torch
+
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
 def version_callback(value: bool) -> None:

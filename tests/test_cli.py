@@ -177,3 +177,18 @@ def test_capture_inherits_the_checkpoint_normalisation(run_cli, tmp_path):
     assert run_cli("capture", "--init", ckpt, "-o", tmp_path / "n.update.safetensors").exit_code == 0
     update = load_update(tmp_path / "n.update.safetensors")
     assert update.input.mean == (0.5,) and update.input.std == (0.5,)
+
+
+def test_out_of_memory_is_a_one_line_error_not_an_internal_one(run_cli, tmp_path, monkeypatch):
+    import gitool.capture
+
+    def refuse(*args, **kwargs):  # what torch's CPU allocator raises for a huge tensor
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 1073741824 bytes. Error code 12")
+
+    monkeypatch.setattr(gitool.capture, "capture", refuse)
+    result = run_cli("capture", "--model", "mlp", "--data", "synthetic:1", "-o", tmp_path / "c.update.safetensors")
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: out of memory (1.0 GiB in one piece): ask for a smaller model, batch, image size or number of classes"]
+    assert not list(tmp_path.iterdir())
