@@ -546,6 +546,10 @@ def score(
         truth_obj = load_truth(truth_path)
         row = {"file": str(path), "kind": result.kind, "method": result.method, "truth": str(truth_path),
                **metrics.score(result, truth_obj)}
+        mismatch = result.other_update_than(truth_obj)
+        if mismatch:
+            row["warning"] = mismatch
+            err.print(f"[bold yellow]warning:[/] {mismatch}", highlight=False, soft_wrap=True)
         if result.kind == "reconstruction":
             row["lpips"] = None
             if lpips_net is not None:

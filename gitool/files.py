@@ -278,6 +278,16 @@ class Result:
                 f"{self.path} was made from another update ({self.source.get('path')}), not {update.path}"
             )
 
+    def other_update_than(self, truth: "Truth") -> str | None:
+        """A warning when this result and ``truth`` point to different updates (a
+        mismatched pair scores garbage); None when they agree or either cannot say
+        (imported updates, truths written before the pointer existed)."""
+        ours, theirs = self.source.get("sha256"), (truth.meta.get("update") or {}).get("sha256")
+        if ours and theirs and ours != theirs:
+            return (f"{self.path} was made from {self.source.get('path')}, but {truth.path} is the truth of "
+                    f"{truth.meta['update'].get('path')} (sha256 {ours[:12]} against {theirs[:12]})")
+        return None
+
 
 @dataclass
 class Checkpoint:

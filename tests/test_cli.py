@@ -74,8 +74,25 @@ def test_score_labels_file_against_truth(run_cli, tmp_path):
     assert r.exit_code == 0, r.stderr
     row = r.json()["files"][0]
     assert row["max_abs_error"] == 0 and row["top2_accuracy"] == 1.0 and row["iAcc"] == 1.0
+    assert "warning" not in row and "warning" not in r.stderr
     r = run_cli("score", tmp_path, "--truth-dir", tmp_path)
     assert r.exit_code == 0 and "labels" in r.stdout
+
+
+def test_score_warns_when_result_and_truth_come_from_different_updates(run_cli, tmp_path):
+    from gitool.files import load_update, new_result, save_result
+
+    for name, seed in (("a", "1"), ("b", "2")):
+        assert run_cli("capture", *SMALL, "--seed", seed, "-o", tmp_path / f"{name}.update.safetensors").exit_code == 0
+    truth_b = load_truth(tmp_path / "b.truth.safetensors")
+    result = new_result("labels", {"labels": truth_b.labels.clone()}, method="oracle-for-test",
+                        update=load_update(tmp_path / "a.update.safetensors"))
+    save_result(result, tmp_path / "a.labels.safetensors")
+    r = run_cli("score", tmp_path / "a.labels.safetensors", "--truth", tmp_path / "b.truth.safetensors", "--json")
+    assert r.exit_code == 0  # a warning, not a refusal: scoring a re-imported export must still work
+    row = r.json()["files"][0]
+    assert "a.update.safetensors" in row["warning"] and "b.update.safetensors" in row["warning"]
+    assert r.stderr.count("warning:") == 1
 
 
 @pytest.mark.parametrize("args,code,message", [
