@@ -164,6 +164,9 @@ class Update:
     provenance: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
     sha256: str | None = None
+    # (weight, bias) parameter names of the classifier, found once: finding them builds the model.
+    _classifier_names: tuple[str, str | None] | None = field(default=None, init=False, repr=False,
+                                                                      compare=False)
 
     @property
     def num_samples(self) -> int:
@@ -188,11 +191,13 @@ class Update:
         """The classifier's weights and their gradient/update, in float64."""
         from gitool.models import last_linear
 
-        model = model if model is not None else self.build_model()
-        layer = last_linear(model)
-        names = {id(p): n for n, p in model.named_parameters()}
-        weight_name = names[id(layer.weight)]
-        bias_name = names.get(id(layer.bias)) if layer.bias is not None else None
+        if model is not None or self._classifier_names is None:
+            model = model if model is not None else self.build_model()
+            layer = last_linear(model)
+            names = {id(p): n for n, p in model.named_parameters()}
+            self._classifier_names = (names[id(layer.weight)],
+                                      names.get(id(layer.bias)) if layer.bias is not None else None)
+        weight_name, bias_name = self._classifier_names
 
         def f64(name):
             return None if name is None else self.values[name].detach().to(torch.float64)

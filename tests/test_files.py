@@ -164,3 +164,16 @@ def test_update_metadata_values_are_type_checked(capture_factory, section, field
     _rewrite_header(update.path, mutate)
     with pytest.raises(GitoolError, match=re.escape(message)):
         load_update(update.path)
+
+
+def test_last_layer_finds_the_classifier_once_and_not_after_a_replace(tmp_path):
+    import dataclasses
+
+    from conftest import make_capture
+
+    update, _ = make_capture(tmp_path)
+    first = update.last_layer()
+    assert update._classifier_names == (first.weight_name, first.bias_name)
+    again = update.last_layer()
+    assert torch.equal(again.weight_grad, first.weight_grad) and again.bias_name == first.bias_name
+    assert dataclasses.replace(update)._classifier_names is None  # another spec may name other parameters
