@@ -16,6 +16,7 @@ Prints a markdown table. Smaller runs: --images 2 --iterations 100.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -73,11 +74,46 @@ def label_rows(update, truth, source: str):
     return outcome.labels.to(torch.float64), ""
 
 
-def run_row(updates, truths, source: str, terms: str, options: dict):
+class Record:
+    """Per-image results, one JSON line each, appended as soon as an image finishes; a
+    rerun with the same file skips the (row, image) pairs it already holds, so a long
+    table can be stopped and resumed, and rows can be split across runs."""
+
+    def __init__(self, path: str | None, settings: dict):
+        self.path = Path(path) if path else None
+        self.settings = settings
+        self.done: dict[tuple, dict] = {}
+        if self.path and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                item = json.loads(line)
+                if item.get("settings") == settings:  # other settings are other experiments
+                    self.done[tuple(item["key"])] = item
+
+    def get(self, key: tuple) -> dict | None:
+        return self.done.get(tuple(json.loads(json.dumps(list(key)))))
+
+    def add(self, key: tuple, values: dict) -> None:
+        item = {"key": list(key), "settings": self.settings, **values}
+        self.done[tuple(item["key"])] = item
+        if self.path:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(item) + "\n")
+
+
+def run_row(updates, truths, source: str, terms: str, options: dict, record: Record | None = None,
+            row_key: tuple = ()):
     """Mean PSNR / SSIM over the images and outer iterations per CPU second."""
     psnrs, ssims = [], []
     elapsed, iterations = 0.0, 0
-    for update, truth in zip(updates, truths):
+    for index, (update, truth) in enumerate(zip(updates, truths)):
+        key = (*row_key, source, terms, index)
+        cached = record.get(key) if record else None
+        if cached is not None:
+            psnrs.append(cached["psnr"])
+            ssims.append(cached["ssim"])
+            elapsed += cached["cpu_s"]
+            iterations += cached["iterations"]
+            continue
         labels, note = label_rows(update, truth, source)
         if isinstance(labels, str):
             return None, note
@@ -87,11 +123,15 @@ def run_row(updates, truths, source: str, terms: str, options: dict):
         start = time.process_time()
         out = reconstruct(update, labels_file, features_file if terms != "g" else None, "optimize",
                           {**options, "terms": terms})
-        elapsed += time.process_time() - start
+        cpu = time.process_time() - start
+        elapsed += cpu
         iterations += options["iterations"]
         scores = score_images(out.images, truth.images)
         psnrs.append(scores["psnr"])
         ssims.append(scores["ssim"])
+        if record:
+            record.add(key, {"psnr": scores["psnr"], "ssim": scores["ssim"], "cpu_s": cpu,
+                             "iterations": options["iterations"]})
     return (statistics.mean(psnrs), statistics.mean(ssims), len(psnrs), iterations / elapsed), ""
 
 
@@ -153,8 +193,11 @@ def main() -> None:
     parser.add_argument("--optimizer", default="lbfgs", help="lbfgs (DLG: 300 x 20 evaluations) or adam (IG: 4800)")
     parser.add_argument("--distance", default="l2", help="l2 (DLG) or cosine (Inverting Gradients)")
     parser.add_argument("--iterations", type=int, default=300, help="iterations per reconstruction")
-    parser.add_argument("--line-search", action="store_true", help="L-BFGS with strong Wolfe (default: DLG's plain "
-                        "steps)")
+    parser.add_argument("--line-search", action=argparse.BooleanOptionalAction, default=False,
+                        help="L-BFGS with strong Wolfe (default: DLG's plain steps)")
+    parser.add_argument("--parts", default="lenet,resnet,timing", help="which parts to run, comma-separated")
+    parser.add_argument("--record", default=None, help="JSON-lines file of per-image results: appended as images "
+                        "finish; a rerun with the same settings reuses them (resume)")
     parser.add_argument("--families", default="smoothing,mixup")
     parser.add_argument("--labels", default="true,onehot,joint,recovered")
     parser.add_argument("--terms", default="g,f,gf")
@@ -171,6 +214,8 @@ def main() -> None:
 
     options = {"iterations": args.iterations, "tv": args.tv, "report_every": 100, "device": args.device,
                "optimizer": args.optimizer, "distance": args.distance, "line_search": args.line_search}
+    parts = set(args.parts.split(","))
+    record = Record(args.record, {**{k: v for k, v in options.items() if k != "report_every"}, "data": args.data})
     lenet = ModelSpec(name="lenet", num_classes=100, input_shape=(3, 32, 32))
     search = "strong Wolfe" if args.line_search else "none"
     print(f"Untrained LeNet 3x32x32 (uniform init), K=100, data {args.data}, {args.optimizer} x {args.iterations} "
@@ -179,14 +224,12 @@ def main() -> None:
     print("| model | family | labels | terms | PSNR (dB) | SSIM | images | it/CPU s |")
     print("|---|---|---|---|---|---|---|---|")
     pending = {}
-    first = None
-    for family in args.families.split(","):
+    for family in args.families.split(",") if "lenet" in parts else []:
         rounds = [client_round(lenet, FAMILIES[family], seed, args.data) for seed in range(args.images)]
         updates, truths = [r[0] for r in rounds], [r[1] for r in rounds]
-        first = first or rounds[0]
         for source in args.labels.split(","):
             for terms in args.terms.split(","):
-                row, note = run_row(updates, truths, source, terms, options)
+                row, note = run_row(updates, truths, source, terms, options, record, ("lenet", family))
                 if row is None:
                     pending[source] = note
                     print(f"| LeNet | {family} | {source} | {terms} | pending | | | |", flush=True)
@@ -195,24 +238,27 @@ def main() -> None:
                 print(f"| LeNet | {family} | {source} | {terms} | {psnr:.2f} | {ssim:.3f} | {n} | {speed:.1f} |",
                       flush=True)
 
-    resnet = ModelSpec(name="resnet18", num_classes=100, input_shape=(3, 32, 32),
-                       options={"width": str(args.resnet_width)})
-    res_options = {**options, "iterations": args.resnet_iterations or args.iterations}
-    update, truth = client_round(resnet, FAMILIES["smoothing"], 0, args.data)
-    for source in args.labels.split(","):
-        row, note = run_row([update], [truth], source, "g", res_options)
-        name = f"ResNet-18 w{args.resnet_width}"
-        if row is None:
-            pending[source] = note
-            print(f"| {name} | smoothing | {source} | g | pending | | | |", flush=True)
-            continue
-        psnr, ssim, n, speed = row
-        print(f"| {name} | smoothing | {source} | g | {psnr:.2f} | {ssim:.3f} | {n} | {speed:.1f} |", flush=True)
+    if "resnet" in parts:
+        resnet = ModelSpec(name="resnet18", num_classes=100, input_shape=(3, 32, 32),
+                           options={"width": str(args.resnet_width)})
+        res_options = {**options, "iterations": args.resnet_iterations or args.iterations}
+        update, truth = client_round(resnet, FAMILIES["smoothing"], 0, args.data)
+        for source in args.labels.split(","):
+            row, note = run_row([update], [truth], source, "g", res_options)
+            name = f"ResNet-18 w{args.resnet_width}"
+            if row is None:
+                pending[source] = note
+                print(f"| {name} | smoothing | {source} | g | pending | | | |", flush=True)
+                continue
+            psnr, ssim, n, speed = row
+            print(f"| {name} | smoothing | {source} | g | {psnr:.2f} | {ssim:.3f} | {n} | {speed:.1f} |", flush=True)
 
-    naive, ours = timing(first[0], first[1], args.timing_iterations, args.timing_repeats, args.tv)
-    print(f"\nSpeed, LeNet, Adam, terms g, tv {args.tv:g}, {args.timing_iterations} iterations, median of "
-          f"{args.timing_repeats}, per CPU second: straightforward loop {naive:.1f} it/s, gitool {ours:.1f} it/s "
-          f"({ours / naive:.2f}x)")
+    if "timing" in parts:
+        update, truth = client_round(lenet, FAMILIES["smoothing"], 0, args.data)
+        naive, ours = timing(update, truth, args.timing_iterations, args.timing_repeats, args.tv)
+        print(f"\nSpeed, LeNet, Adam, terms g, tv {args.tv:g}, {args.timing_iterations} iterations, median of "
+              f"{args.timing_repeats}, per CPU second: straightforward loop {naive:.1f} it/s, gitool {ours:.1f} "
+              f"it/s ({ours / naive:.2f}x)")
     for source, note in pending.items():
         print(f"pending: labels '{source}': {note}")
 
