@@ -6,11 +6,18 @@ one-hot label of its top class, DLG-style joint label optimisation, and gitool's
 recovered label from ``recover_labels(update, "lambda")``) and every term set (g, f, gf)
 it reports the mean PSNR / SSIM after Hungarian matching. Features for the f / gf terms
 are the bias ratio x = G^T g / <g, g> (exact for a model with a last-layer bias, which is
-what the server computes). A single-image ResNet-18 (train-mode batch norm) with g terms
-follows, then iterations per second of gitool's matcher against a straightforward
-PyTorch loop of the same loss (cosine over all layers + TV, Adam, clamp).
+what the server computes).
 
-Prints a markdown table. Smaller runs: --images 2 --iterations 100.
+ResNet-18 (PyTorch's default initialisation, as in Inverting Gradients; --resnet-init
+uniform reproduces the LeNet-style U(-0.5, 0.5) draw, under which activations explode
+through the eval-mode batch norms) follows with g terms, one image per gradient, in eval
+and train batch-norm mode, with Inverting Gradients' settings (cosine, TV 1e-2, signed
+Adam). Last, iterations per second of gitool's matcher against a straightforward PyTorch
+loop of the same loss (cosine over all layers + TV, Adam, clamp).
+
+--record FILE keeps per-image results (JSON lines) so a long table can be stopped and
+resumed, or split into --parts / --families / --labels runs that share the file.
+Prints markdown tables as rows finish. Smaller runs: --images 2 --iterations 20.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from gitool.attacks.gradient_matching import ClientTraining, GradientMatcher, Ma
 from gitool.capture import CaptureConfig, capture, soft_cross_entropy
 from gitool.data import open_source
 from gitool.errors import GitoolError, UsageError
-from gitool.files import InputSpec, LossSpec, new_result
+from gitool.files import InputSpec, LossSpec, TrainingSpec, new_result
 from gitool.metrics import score_images
 from gitool.models import ModelSpec
 from gitool.reconstruct import reconstruct
@@ -42,9 +49,11 @@ FAMILIES = {
 }
 
 
-def client_round(spec: ModelSpec, loss: LossSpec, seed: int, data: str):
+def client_round(spec: ModelSpec, loss: LossSpec, seed: int, data: str, init: str = "uniform",
+                 model_mode: str = "train"):
     source = open_source(data, spec.input_shape, num_classes=spec.num_classes, seed=seed)
-    config = CaptureConfig(input=InputSpec(shape=spec.input_shape), loss=loss, seed=seed)
+    config = CaptureConfig(input=InputSpec(shape=spec.input_shape), loss=loss, seed=seed, init=init,
+                           training=TrainingSpec(model_mode=model_mode))
     return capture(source, spec, config, provenance={"data": data})
 
 
@@ -204,7 +213,17 @@ def main() -> None:
     parser.add_argument("--tv", type=float, default=0.0)
     parser.add_argument("--data", default="synthetic")
     parser.add_argument("--resnet-width", type=int, default=64, help="ResNet-18 base width (64 = standard)")
-    parser.add_argument("--resnet-iterations", type=int, default=None, help="default: --iterations")
+    parser.add_argument("--resnet-images", type=int, default=3)
+    parser.add_argument("--resnet-modes", default="eval,train", help="batch-norm mode(s) of the client")
+    parser.add_argument("--resnet-labels", default="true,recovered")
+    parser.add_argument("--resnet-init", default="default", help="default (PyTorch's, as Inverting Gradients) or "
+                        "uniform (U(-0.5, 0.5) everywhere: activations explode through 17 eval-mode BN layers)")
+    parser.add_argument("--resnet-optimizer", default="adam")
+    parser.add_argument("--resnet-distance", default="cosine")
+    parser.add_argument("--resnet-tv", type=float, default=1e-2)
+    parser.add_argument("--resnet-iterations", type=int, default=200)
+    parser.add_argument("--resnet-signed", action=argparse.BooleanOptionalAction, default=True,
+                        help="Adam on the sign of the image gradient (Inverting Gradients' code)")
     parser.add_argument("--timing-iterations", type=int, default=200)
     parser.add_argument("--timing-repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
@@ -241,17 +260,29 @@ def main() -> None:
     if "resnet" in parts:
         resnet = ModelSpec(name="resnet18", num_classes=100, input_shape=(3, 32, 32),
                            options={"width": str(args.resnet_width)})
-        res_options = {**options, "iterations": args.resnet_iterations or args.iterations}
-        update, truth = client_round(resnet, FAMILIES["smoothing"], 0, args.data)
-        for source in args.labels.split(","):
-            row, note = run_row([update], [truth], source, "g", res_options)
-            name = f"ResNet-18 w{args.resnet_width}"
-            if row is None:
-                pending[source] = note
-                print(f"| {name} | smoothing | {source} | g | pending | | | |", flush=True)
-                continue
-            psnr, ssim, n, speed = row
-            print(f"| {name} | smoothing | {source} | g | {psnr:.2f} | {ssim:.3f} | {n} | {speed:.1f} |", flush=True)
+        res_options = {"iterations": args.resnet_iterations, "tv": args.resnet_tv, "report_every": 100,
+                       "device": args.device, "optimizer": args.resnet_optimizer, "distance": args.resnet_distance,
+                       "signed": args.resnet_signed, "line_search": args.line_search}
+        res_record = Record(args.record, {**{k: v for k, v in res_options.items() if k != "report_every"},
+                                          "data": args.data, "init": args.resnet_init})
+        print(f"\nResNet-18 width {args.resnet_width}, 3x32x32, K=100, {args.resnet_init} init, label smoothing 0.1, "
+              f"{args.resnet_optimizer} x {args.resnet_iterations} (signed {args.resnet_signed}), distance "
+              f"{args.resnet_distance}, tv {args.resnet_tv:g}, terms g, 1 restart.\n")
+        print("| model | BN mode | labels | terms | PSNR (dB) | SSIM | images | it/CPU s |")
+        print("|---|---|---|---|---|---|---|---|")
+        name = f"ResNet-18 w{args.resnet_width}"
+        for mode in args.resnet_modes.split(","):
+            rounds = [client_round(resnet, FAMILIES["smoothing"], seed, args.data, args.resnet_init, mode)
+                      for seed in range(args.resnet_images)]
+            for source in args.resnet_labels.split(","):
+                row, note = run_row([r[0] for r in rounds], [r[1] for r in rounds], source, "g", res_options,
+                                    res_record, ("resnet18", args.resnet_width, mode))
+                if row is None:
+                    pending[source] = note
+                    print(f"| {name} | {mode} | {source} | g | pending | | | |", flush=True)
+                    continue
+                psnr, ssim, n, speed = row
+                print(f"| {name} | {mode} | {source} | g | {psnr:.2f} | {ssim:.3f} | {n} | {speed:.2f} |", flush=True)
 
     if "timing" in parts:
         update, truth = client_round(lenet, FAMILIES["smoothing"], 0, args.data)
