@@ -683,6 +683,12 @@ def reconstruct(
                   rich_help_panel="--method optimize")] = None,
     restarts: Annotated[int, typer.Option("--restarts", help="optimize: random starts; the lowest objective wins "
                         "(never the truth).", rich_help_panel="--method optimize")] = 1,
+    signed: Annotated[bool, typer.Option("--signed", help="optimize: Adam steps on the sign of the image gradient "
+                      "(Inverting Gradients' code; what makes eval-mode ResNet-18 work).",
+                      rich_help_panel="--method optimize")] = False,
+    line_search: Annotated[bool, typer.Option("--line-search/--no-line-search", help="optimize: L-BFGS with a "
+                           "strong-Wolfe line search (off: DLG's plain steps).",
+                           rich_help_panel="--method optimize")] = True,
     joint_labels: Annotated[bool, typer.Option("--joint-labels", help="optimize: learn the labels jointly (DLG; "
                             "implied without --labels).", rich_help_panel="--method optimize")] = False,
     layer_weights: Annotated[Optional[str], typer.Option("--layer-weights", help="optimize: per-layer weights "
@@ -720,7 +726,7 @@ def reconstruct(
             save_dir = output.parent / f"{_stem(output)}.optimize-steps"
         options = {"distance": distance, "tv": tv, "terms": terms, "feature_weight": feature_weight,
                    "optimizer": optimizer, "iterations": iterations, "lr": lr, "restarts": restarts,
-                   "joint_labels": joint_labels, "layer_weights": layer_weights, "save_every": save_every,
+                   "signed": signed, "line_search": line_search, "joint_labels": joint_labels, "layer_weights": layer_weights, "save_every": save_every,
                    "save_dir": str(save_dir) if save_dir else None, "seed": seed, "device": device}
     if explain and method in ("fc", "conv") and not json_output:
         err.print(_explain_table(reconstruct_analytic.explain(update, method)))

@@ -163,6 +163,14 @@ def test_cli_reconstruct_optimize(run_cli, smoothing_capture, tmp_path):
     assert len(list((tmp_path / "s.optimize-steps").glob("*.png"))) == 4
 
     res = run_cli("reconstruct", tmp_path / "s.update.safetensors", "--labels", tmp_path / "s.labels.safetensors",
+                  "--method", "optimize", "--iterations", "3", "--signed", "-o", out, "--json")
+    assert res.exit_code == 0 and res.json()["diagnostics"]["config"]["signed"] is True
+    res = run_cli("reconstruct", tmp_path / "s.update.safetensors", "--labels", tmp_path / "s.labels.safetensors",
+                  "--method", "optimize", "--optimizer", "lbfgs", "--iterations", "2", "--no-line-search",
+                  "-o", out, "--json")
+    assert res.exit_code == 0 and res.json()["diagnostics"]["config"]["line_search"] is False
+
+    res = run_cli("reconstruct", tmp_path / "s.update.safetensors", "--labels", tmp_path / "s.labels.safetensors",
                   "--method", "optimize", "--terms", "f", "-o", out)
     assert res.exit_code == 2 and "needs --features" in res.stderr and "Traceback" not in res.stderr
 
