@@ -237,11 +237,12 @@ def main() -> None:
     record = Record(args.record, {**{k: v for k, v in options.items() if k != "report_every"}, "data": args.data})
     lenet = ModelSpec(name="lenet", num_classes=100, input_shape=(3, 32, 32))
     search = "strong Wolfe" if args.line_search else "none"
-    print(f"Untrained LeNet 3x32x32 (uniform init), K=100, data {args.data}, {args.optimizer} x {args.iterations} "
-          f"iterations (default lr, line search {search}), distance {args.distance}, tv {args.tv:g}, 1 restart, "
-          f"{args.threads} thread(s); it/s counts outer iterations.\n")
-    print("| model | family | labels | terms | PSNR (dB) | SSIM | images | it/CPU s |")
-    print("|---|---|---|---|---|---|---|---|")
+    if "lenet" in parts:
+        print(f"Untrained LeNet 3x32x32 (uniform init), K=100, data {args.data}, {args.optimizer} x {args.iterations} "
+              f"iterations (default lr, line search {search}), distance {args.distance}, tv {args.tv:g}, 1 restart, "
+              f"{args.threads} thread(s); it/s counts outer iterations.\n")
+        print("| model | family | labels | terms | PSNR (dB) | SSIM | images | it/CPU s |")
+        print("|---|---|---|---|---|---|---|---|")
     pending = {}
     for family in args.families.split(",") if "lenet" in parts else []:
         rounds = [client_round(lenet, FAMILIES[family], seed, args.data) for seed in range(args.images)]
