@@ -726,7 +726,8 @@ def reconstruct(
             save_dir = output.parent / f"{_stem(output)}.optimize-steps"
         options = {"distance": distance, "tv": tv, "terms": terms, "feature_weight": feature_weight,
                    "optimizer": optimizer, "iterations": iterations, "lr": lr, "restarts": restarts,
-                   "signed": signed, "line_search": line_search, "joint_labels": joint_labels, "layer_weights": layer_weights, "save_every": save_every,
+                   "signed": signed, "line_search": line_search, "joint_labels": joint_labels,
+                   "layer_weights": layer_weights, "save_every": save_every,
                    "save_dir": str(save_dir) if save_dir else None, "seed": seed, "device": device}
     if explain and method in ("fc", "conv") and not json_output:
         err.print(_explain_table(reconstruct_analytic.explain(update, method)))
