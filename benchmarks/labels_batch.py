@@ -48,7 +48,7 @@ from gitool.data import open_source  # noqa: E402
 from gitool.errors import GitoolError  # noqa: E402
 from gitool.files import DefenceSpec, InputSpec, TrainingSpec  # noqa: E402
 from gitool.labels import recover_labels  # noqa: E402
-from gitool.labels_batch import output_layer  # noqa: E402
+from gitool.labels_batch import output_layer, rlu_observation  # noqa: E402
 from gitool.metrics import score_counts  # noqa: E402
 from gitool.models import ModelSpec, build_model, init_parameters  # noqa: E402
 
@@ -140,7 +140,7 @@ def path_oracle(update, truth, aux):
     model = update.build_model(dtype=torch.float64)
     if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return None  # measuring in train mode would also move the running statistics
-    layer = output_layer(update)
+    layer = output_layer(update, model=model)  # read before local_training moves the model
     use_bias = layer.bias is not None
     systems = []
 
@@ -150,9 +150,8 @@ def path_oracle(update, truth, aux):
 
     local_training(model, truth.inputs.to(torch.float64), truth.labels.to(torch.float64), update.training,
                    DefenceSpec(), "delta", torch.Generator().manual_seed(0), before_step=measure)
-    observed = -layer.total * (layer.bias_grad if use_bias else layer.weight_grad.sum(dim=1))
-    estimate, _ = rlu_math.solve_counts_nnls(rlu_math.weighted_system(systems, layer.coefficients), observed,
-                                             layer.total)
+    estimate, _ = rlu_math.solve_counts_nnls(rlu_math.weighted_system(systems, layer.coefficients),
+                                             rlu_observation(layer), layer.total)
     return largest_remainder(estimate, layer.total)
 
 

@@ -165,8 +165,7 @@ class Update:
     path: Path | None = None
     sha256: str | None = None
     # (weight, bias) parameter names of the classifier, found once: finding them builds the model.
-    _classifier_names: tuple[str, str | None] | None = field(default=None, init=False, repr=False,
-                                                                      compare=False)
+    _classifier_names: tuple[str, str | None] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def num_samples(self) -> int:
@@ -378,16 +377,23 @@ class RawFile:
     tensors: dict[str, torch.Tensor]
 
 
+def existing_file(path: str | Path, what: str) -> Path:
+    """``path`` as a Path, or one clear line when it is missing or a folder (``what``
+    names the expected file in that message, e.g. "a gitool file")."""
+    path = Path(path)
+    if not path.exists():
+        raise GitoolError(f"{path}: no such file")
+    if path.is_dir():
+        raise GitoolError(f"{path} is a folder, not {what}")
+    return path
+
+
 def read_raw(path: str | Path, kinds: Iterable[str] | None = None, *, load_tensors: bool = True) -> RawFile:
     """Open any gitool file; check it is one, of a version we read and (if ``kinds``
     is given) of an expected kind. Raises GitoolError with one clear line otherwise."""
     from safetensors import safe_open
 
-    path = Path(path)
-    if not path.exists():
-        raise GitoolError(f"{path}: no such file")
-    if path.is_dir():
-        raise GitoolError(f"{path} is a folder, not a gitool file")
+    path = existing_file(path, "a gitool file")
     try:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
@@ -724,11 +730,7 @@ def read_torch_object(path: str | Path) -> Any:
     object, whose loading could run code) is refused, not executed."""
     import pickle
 
-    path = Path(path)
-    if not path.exists():
-        raise GitoolError(f"{path}: no such file")
-    if path.is_dir():
-        raise GitoolError(f"{path} is a folder, not a torch file")
+    path = existing_file(path, "a torch file")
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

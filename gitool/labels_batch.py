@@ -233,6 +233,12 @@ def simulation_subset(labels: torch.Tensor, num_classes: int, size: int) -> torc
     return torch.cat(keep)
 
 
+def rlu_observation(layer: OutputLayer) -> torch.Tensor:
+    """u = -N g_b, the right-hand side of RLU's system: the bias update, or without a
+    last-layer bias the weight rows' sums (`gitool.attacks.rlu.step_system`)."""
+    return -layer.total * (layer.bias_grad if layer.bias is not None else layer.weight_grad.sum(dim=1))
+
+
 def recover_rlu(update, layer: OutputLayer, aux, model, refine_rounds: int = 3):
     """RLU (see `gitool.attacks.rlu` for the method and its assumptions).
 
@@ -249,7 +255,7 @@ def recover_rlu(update, layer: OutputLayer, aux, model, refine_rounds: int = 3):
 
     num_classes = layer.weight.shape[0]
     use_bias = layer.bias is not None
-    observed = -layer.total * (layer.bias_grad if use_bias else layer.weight_grad.sum(dim=1))
+    observed = rlu_observation(layer)
     batch_norm = rlu_math.has_batch_statistics(model)
 
     def system_of(probs, features):

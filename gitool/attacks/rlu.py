@@ -135,7 +135,8 @@ def simulate_drift(model, inputs: torch.Tensor, labels: torch.Tensor, counts: to
     that the step sees the class mix n / m of the estimate (the expected gradient of a
     batch with those counts); with batch norm in train mode, whose statistics depend on
     the batch, each step trains on one batch of B samples with that mix instead.
-    Returns the m + 1 systems A at theta_0 .. theta_m and the progress of the classifier, ||theta_s - theta_0|| / ||theta_m - theta_0||, s = 0..m.
+    Returns the m + 1 systems A at theta_0 .. theta_m and the progress of the
+    classifier, ||theta_s - theta_0|| / ||theta_m - theta_0||, s = 0..m.
     The simulation is an approximation anyway, so it runs in ``dtype`` (float32: twice
     as fast as float64); the systems come back in float64. ``model`` is not modified.
 
