@@ -375,6 +375,14 @@ def check(run: corpus.Run, outcome: Outcome, memory_limit_kb: int) -> list[tuple
     return problems
 
 
+def _telling_line(outcome: Outcome) -> str:
+    """The error line if there is one, else the first line of stderr (or stdout)."""
+    for line in outcome.stderr.splitlines():
+        if line.startswith(("error:", "internal error:")):
+            return line.strip()[:240]
+    return _first_line(outcome.stderr) or _first_line(outcome.stdout)
+
+
 def _first_line(text: str) -> str:
     for line in text.splitlines():
         if line.strip():
@@ -447,14 +455,23 @@ def write_report(path: Path, cases: list[corpus.Case]) -> None:
         for entry in entries:
             by_group.setdefault(entry[0].case.group, []).append(entry)
         for group, items in sorted(by_group.items()):
-            lines += [f"### {group} ({len(items)})", ""]
-            for run, outcome, problems in items:
+            cases = len({run.case.id for run, _, _ in items})
+            lines += [f"### {group} ({len(items)} runs, {cases} cases)", ""]
+            by_case: dict[str, list] = {}
+            for entry in items:
+                by_case.setdefault(entry[0].case.id, []).append(entry)
+            for case_id, runs_of_case in by_case.items():
+                run, outcome, problems = runs_of_case[0]
                 detail = problems[0][1]
-                first = _first_line(outcome.stderr) or _first_line(outcome.stdout)
+                first = _telling_line(outcome)
                 extra = "" if detail == first else f" [{detail}]"
                 more = "" if len(problems) == 1 else " (also: " + ", ".join(c for c, _ in problems[1:]) + ")"
-                lines.append(f"- `{run.case.id}` ({run.case.why}): `{outcome.command}` -> exit "
-                             f"{outcome.exit_code}: {first or '(no output)'}{extra}{more}")
+                others = ""
+                if len(runs_of_case) > 1:
+                    others = "; same for " + ", ".join(
+                        f"`{r.argv[0]}` (exit {o.exit_code})" for r, o, _ in runs_of_case[1:])
+                lines.append(f"- `{case_id}` ({run.case.why}): `{outcome.command}` -> exit "
+                             f"{outcome.exit_code}: {first or '(no output)'}{extra}{more}{others}")
             lines.append("")
     if not failing:
         lines.append("No failures.")
