@@ -10,6 +10,7 @@ Conventions every command shares, so that users' scripts stay stable:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from rich.table import Table
 
 from gitool import __version__
 from gitool.errors import GitoolError, UsageError
+from gitool.paths import identity, refuse_overlap
 
 app = typer.Typer(
     name="gitool",
@@ -179,6 +181,19 @@ ModelOptOpt = Annotated[Optional[list[str]], typer.Option("--model-opt", help="M
                         "(e.g. channels=77,22,3,3 for rconv-lenet, widths=4096,1024,256 for fcn4).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout, nothing else.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, cuda:1 ...")]
+TrustOpt = Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Trust the user model factory "
+                     "package.module:factory that the update names (importing it runs that module's code); "
+                     "gitool never imports code because a file names it. Zoo models need nothing.")]
+
+
+def trust_models(names: list[str] | None) -> None:
+    """The user factories named on this command line may be imported (the trust boundary)."""
+    from gitool.models import is_user_model, trust_factory
+
+    for name in names or []:
+        if not is_user_model(name):
+            continue
+        trust_factory(name)
 
 
 def resolve_model(model: str | None, num_classes: int | None, image_size: str | None, activation: str | None,
@@ -191,6 +206,8 @@ def resolve_model(model: str | None, num_classes: int | None, image_size: str | 
     from gitool.files import load_checkpoint
     from gitool.models import ModelSpec, parse_image_shape, parse_model_options
 
+    if model is not None:
+        trust_models([model])
     checkpoint = None
     if init not in ("uniform", "default"):
         if not Path(init).exists():
@@ -206,12 +223,24 @@ def resolve_model(model: str | None, num_classes: int | None, image_size: str | 
             activation=activation or base.activation,
             last_bias=base.last_bias and not no_bias,
             options={**base.options, **options},
+            from_file=base.from_file and model is None,
         )
     else:
         shape = parse_image_shape(image_size) if image_size else (3, 32, 32)
         spec = ModelSpec(name=model or "lenet", num_classes=10 if num_classes is None else num_classes,
                          input_shape=shape, activation=activation, last_bias=not no_bias, options=options)
     return spec, (checkpoint.state if checkpoint is not None else None), (checkpoint.meta if checkpoint else {})
+
+
+@contextlib.contextmanager
+def option_errors():
+    """Turn a spec's refusal (gitool.specs.SpecError) into a usage error naming the option."""
+    from gitool.specs import SpecError, as_option_error
+
+    try:
+        yield
+    except SpecError as exc:
+        raise as_option_error(exc, UsageError) from None
 
 
 def check_device(device: str) -> None:
@@ -328,27 +357,35 @@ def capture(
         mean, std = tuple(checkpoint_meta["normalize"]["mean"]), tuple(checkpoint_meta["normalize"]["std"])
     else:
         mean, std = parse_normalization(normalize or "none", spec.input_shape[0])
-    loss = LossSpec(family=family, label_smoothing=eps_fixed, label_smoothing_range=eps_range,
-                    mixup_alpha=mixup, mixup_coef=mixup_coef)
-    training = TrainingSpec(batch_size=batch_size, steps=steps, lr=lr, optimizer=optimizer,
-                            momentum=momentum if optimizer == "momentum" else 0.0,
-                            prox_mu=prox_mu if optimizer == "fedprox" else 0.0,
-                            weight_decay=weight_decay, model_mode=mode, dtype=dtype)
-    defence = DefenceSpec(dp_clip=dp_clip, dp_noise=dp_noise, prune=prune)
+    with option_errors():
+        loss = LossSpec(family=family, label_smoothing=eps_fixed, label_smoothing_range=eps_range,
+                        mixup_alpha=mixup, mixup_coef=mixup_coef)
+        training = TrainingSpec(batch_size=batch_size, steps=steps, lr=lr, optimizer=optimizer,
+                                momentum=momentum if optimizer == "momentum" else 0.0,
+                                prox_mu=prox_mu if optimizer == "fedprox" else 0.0,
+                                weight_decay=weight_decay, model_mode=mode, dtype=dtype)
+        defence = DefenceSpec(dp_clip=dp_clip, dp_noise=dp_noise, prune=prune)
+        InputSpec(shape=tuple(spec.input_shape), mean=mean, std=std)
     source = open_source(data, tuple(spec.input_shape), num_classes=spec.num_classes, seed=0)
     choice = SampleChoice(indices=parse_int_list(indices, "--indices"), classes=parse_int_list(classes, "--classes"),
                           dirichlet_alpha=dirichlet)
     if out_dir is not None:
         if out_dir.exists() and not out_dir.is_dir():
             raise UsageError(f"--out-dir {out_dir} is a file")
-        out_dir.mkdir(parents=True, exist_ok=True)
+        pairs = [(out_dir / f"{i:04d}.update.safetensors", out_dir / f"{i:04d}.truth.safetensors")
+                 for i in range(repeat)]
     else:
         check_output(output)
         truth = truth or output.parent / f"{_stem(output)}.truth.safetensors"
         check_output(truth, "--truth")
-        if truth.resolve() == output.resolve():  # the truth would silently replace the update
+        if identity(truth) == identity(output):  # the truth would silently replace the update
             raise UsageError(f"the update and the truth would both be {output}; name the update "
                              "STEM.update.safetensors or give another --truth")
+        pairs = [(output, truth)]
+    refuse_overlap([("--init", Path(init) if init not in ("uniform", "default") else None)],
+                   [(what, path) for pair in pairs for what, path in zip(("the update", "the truth"), pair)])
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     written = []
     started = time.perf_counter()
@@ -359,11 +396,7 @@ def capture(
                                    input=InputSpec(shape=tuple(spec.input_shape), mean=mean, std=std),
                                    choice=choice, send=send, init=init, seed=seed + i, device=device)
             update, truth_obj = run_capture(source, spec, config, init_state=init_state, provenance={"data": data})
-            if out_dir is not None:
-                update_path = out_dir / f"{i:04d}.update.safetensors"
-                truth_path = out_dir / f"{i:04d}.truth.safetensors"
-            else:
-                update_path, truth_path = output, truth
+            update_path, truth_path = pairs[i]
             save_capture(update, truth_obj, update_path, truth_path)
             written.append({"update": str(update_path), "truth": str(truth_path), "seed": seed + i,
                             "kind": update.kind})
@@ -464,6 +497,7 @@ def train(
 
     check_device(device)
     check_output(output)
+    refuse_overlap([("--init", Path(init) if init not in ("uniform", "default") else None)], [("--output", output)])
     check_settings(epochs=epochs, lr=lr, batch_size=batch_size)
     spec, init_state, _ = resolve_model(model, num_classes, image_size, activation, no_bias, model_opt, init)
     mean, std = parse_normalization(normalize, spec.input_shape[0])
@@ -534,15 +568,17 @@ def score(
     if png is not None and len(paths) != 1:
         raise UsageError("--png draws one reconstruction: give exactly one file")
     check_output(png, "--png")
+    truth_paths = [truth if truth is not None else truth_dir / f"{stem_of(path)}.truth.safetensors" for path in paths]
+    refuse_overlap([("the result", path) for path in paths] + [("the truth", t) for t in truth_paths]
+                   + [("--lpips-weights", lpips_weights)], [("--png", png)])
     lpips_net = None
     if lpips_weights is not None:
         from gitool.lpips import load_lpips
 
         lpips_net = load_lpips(lpips_weights)
     rows = []
-    for path in paths:
+    for path, truth_path in zip(paths, truth_paths):
         result = load_result(path)
-        truth_path = truth if truth is not None else truth_dir / f"{stem_of(path)}.truth.safetensors"
         truth_obj = load_truth(truth_path)
         row = {"file": str(path), "kind": result.kind, "method": result.method, "truth": str(truth_path),
                **metrics.score(result, truth_obj)}
@@ -701,6 +737,7 @@ def reconstruct(
     = None,
     seed: Annotated[int, typer.Option("--seed", help="optimize: seed of the random starts.",
                     rich_help_panel="--method optimize")] = 0,
+    model: TrustOpt = None,
     device: DeviceOpt = "cpu",
     json_output: JsonOpt = False,
 ) -> None:
@@ -713,8 +750,11 @@ def reconstruct(
     if method not in RECON_METHODS:
         raise UsageError(f"--method must be one of {', '.join(RECON_METHODS)}, got {method!r}")
     check_device(device)
+    trust_models(model)
     check_output(output)
     check_output(png, "--png")
+    refuse_overlap([("the update", update_path), ("--labels", labels_path), ("--features", features_path)],
+                   [("--output", output), ("--png", png)])
     update = load_update(update_path)
     labels = load_result(labels_path, ["labels"]) if labels_path is not None else None
     features = load_result(features_path, ["features"]) if features_path is not None else None
@@ -817,6 +857,7 @@ def labels(
     seed: Annotated[int, typer.Option("--seed", help="Seed for randomised searches (pso) and methods.")] = 0,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="PNG of the search loss over lambda, the chosen "
                     "minimum marked (one update).")] = None,
+    model: TrustOpt = None,
     device: DeviceOpt = "cpu",
     json_output: JsonOpt = False,
 ) -> None:
@@ -829,6 +870,7 @@ def labels(
     from gitool.labels import LABEL_METHODS
 
     check_device(device)
+    trust_models(model)
     if method != "auto" and method not in LABEL_METHODS:
         raise UsageError(f"--method must be auto or one of {', '.join(LABEL_METHODS)}, got {method!r}")
     if family not in FAMILIES:
@@ -850,9 +892,13 @@ def labels(
         raise UsageError("--plot draws the scan's loss curve over lambda; it needs --search scan")
     check_output(output)
     check_output(plot, "--plot")
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out-dir {out_dir} is a file")
+    targets = {path: output if output is not None else out_dir / output_name(path, "labels") for path in paths}
+    refuse_overlap([("the update", path) for path in paths],
+                   [("--output" if output is not None else "--out-dir file", t) for t in targets.values()]
+                   + [("--plot", plot)])
     if out_dir is not None:
-        if out_dir.exists() and not out_dir.is_dir():
-            raise UsageError(f"--out-dir {out_dir} is a file")
         out_dir.mkdir(parents=True, exist_ok=True)
     options = {"family": family, "search": search, "seed": seed, "device": device, "aux": aux,
                "aux_per_class": aux_per_class}
@@ -869,7 +915,7 @@ def labels(
                 seconds = time.perf_counter() - started
                 tensors = {key: value for key, value in (("labels", outcome.labels), ("counts", outcome.counts))
                            if value is not None}
-                target = output if output is not None else out_dir / output_name(path, "labels")
+                target = targets[path]
                 result = new_result("labels", tensors, method=name, update=update, options=options,
                                     diagnostics=outcome.diagnostics, wall_time=seconds)
                 save_result(result, target)
@@ -926,6 +972,7 @@ def features(
     update: Annotated[Path, typer.Argument(help="The update (a single-sample gradient).")],
     labels_file: Annotated[Path, typer.Option("--labels", "-l", help="Its labels file from `gitool labels`.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The features file to write.")],
+    model: TrustOpt = None,
     device: DeviceOpt = "cpu",
     json_output: JsonOpt = False,
 ) -> None:
@@ -937,7 +984,9 @@ def features(
     from gitool.labels_single import recover_features
 
     check_device(device)
+    trust_models(model)
     check_output(output)
+    refuse_overlap([("the update", update), ("--labels", labels_file)], [("--output", output)])
     loaded = load_update(update)
     labels_result = load_result(labels_file, ("labels",))
     labels_result.check_source(loaded)
@@ -1079,6 +1128,8 @@ def import_command(
     from gitool.interop import import_update, merge_facts, read_facts_file, spec_in_weights
 
     check_output(output)
+    refuse_overlap([("--before", before), ("--after", after), ("--delta", delta), ("--grad", grad),
+                    ("--facts", facts)], [("--output", output)])
     file_facts = read_facts_file(facts) if facts is not None else {}
     base = file_facts.get("model")
     base_has_shape = "input_shape" in file_facts.get("model_fields", ())
@@ -1149,6 +1200,7 @@ def export_command(
                       "beside it in both cases.")],
     fmt: Annotated[Optional[str], typer.Option("--format", help="pt | npz (default: from the output's "
                    "suffix).")] = None,
+    model: TrustOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
     """Write an update out for other tools: a torch bundle of plain tensors (loads with
@@ -1156,8 +1208,11 @@ def export_command(
     from gitool.files import load_update
     from gitool.interop import export_update
 
+    trust_models(model)
     check_output(output)
-    written = export_update(load_update(update_file), output, fmt)
+    written = export_update(load_update(update_file), output, fmt,
+                            check=lambda paths: refuse_overlap([("the update", update_file)],
+                                                               [(f"the {part} file", p) for part, p in paths.items()]))
     if json_output:
         emit_json({"update": str(update_file), "written": {part: str(path) for part, path in written.items()}})
         return

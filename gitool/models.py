@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import json
 import os
 import re
 import sys
@@ -62,6 +63,8 @@ class ModelSpec:
     activation: str | None = None
     last_bias: bool = True
     options: dict[str, str] = field(default_factory=dict)
+    # Read from a file (from_dict): a user factory it names is not trusted (see check_trusted).
+    from_file: bool = field(default=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # A shape read back from JSON arrives as a list; keep the declared tuple type.
@@ -96,6 +99,7 @@ class ModelSpec:
             activation=_expect(data, "activation", str, default=None, nullable=True),
             last_bias=_expect(data, "last_bias", bool, default=True),
             options=_expect_options(data.get("options", {})),
+            from_file=True,
         )
 
 
@@ -110,7 +114,7 @@ def _expect(data: dict, key: str, kind: type, default: Any = None, nullable: boo
     if value is None and nullable:
         return None
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise GitoolError(f"model spec field '{key}' must be {kind.__name__}, got {value!r}")
+        raise GitoolError(f"model spec field '{key}' must be {kind.__name__}, got {_short_repr(value)}")
     return value
 
 
@@ -121,7 +125,7 @@ def _expect_shape(value: Any) -> tuple[int, int, int]:
         or len(value) != 3
         or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     ):
-        raise GitoolError(f"model spec field 'input_shape' must be three integers, got {value!r}")
+        raise GitoolError(f"model spec field 'input_shape' must be three integers, got {_short_repr(value)}")
     return (value[0], value[1], value[2])
 
 
@@ -130,8 +134,15 @@ def _expect_options(value: Any) -> dict[str, str]:
     if not isinstance(value, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
     ):
-        raise GitoolError(f"model spec field 'options' must map strings to strings, got {value!r}")
+        raise GitoolError(f"model spec field 'options' must map strings to strings, got {_short_repr(value)}")
+    if len(value) > 64 or any(len(k) > 64 or len(v) > 1000 for k, v in value.items()):
+        raise GitoolError("model spec field 'options' is too long (at most 64 options, values of 1000 characters)")
     return dict(value)
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # --------------------------------------------------------------------------------------
@@ -472,17 +483,47 @@ def build_model(spec: ModelSpec) -> nn.Module:
     return model.float()
 
 
+class TensorShape(NamedTuple):
+    shape: tuple[int, ...]
+    floating: bool
+
+
+def expected_tensors(spec: ModelSpec) -> tuple[dict[str, TensorShape], dict[str, TensorShape]]:
+    """The shapes of the model's ``state_dict()`` entries and of its trainable
+    parameters, without allocating them: the model is built on torch's meta device, so
+    a file that claims a billion classes costs nothing before it is refused."""
+    key = json.dumps(spec.to_dict(), sort_keys=True)
+    if key not in _EXPECTED:
+        try:
+            with torch.device("meta"):
+                model = build_model(spec)
+        except GitoolError:
+            raise
+        except Exception:  # a user factory that cannot build on the meta device: build it for real
+            model = build_model(spec)
+        state = {n: TensorShape(tuple(t.shape), t.is_floating_point()) for n, t in model.state_dict().items()}
+        params = {n: TensorShape(tuple(p.shape), True) for n, p in model.named_parameters()}
+        _EXPECTED[key] = (state, params)
+    return _EXPECTED[key]
+
+
+_EXPECTED: dict[str, tuple[dict[str, TensorShape], dict[str, TensorShape]]] = {}
+
+
 def _check_spec(spec: ModelSpec) -> None:
     """Reject specs no builder can honour, with the valid choices in the message."""
     if not is_user_model(spec.name) and spec.name not in MODELS:
         raise UsageError(
-            f"unknown model '{spec.name}'; choose one of {', '.join(MODELS)} or package.module:factory"
+            f"unknown model {spec.name[:80]!r}; choose one of {', '.join(MODELS)} or package.module:factory"
         )
-    if isinstance(spec.num_classes, bool) or not isinstance(spec.num_classes, int) or spec.num_classes < 2:
-        raise UsageError(f"number of classes must be an integer >= 2, got {spec.num_classes!r}")
-    shape = spec.input_shape
-    if len(shape) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape):
-        raise UsageError(f"input shape must be three positive integers C, H, W, got {shape!r}")
+    from gitool.specs import MAX_CLASSES, shape_problem
+
+    if (isinstance(spec.num_classes, bool) or not isinstance(spec.num_classes, int)
+            or not 2 <= spec.num_classes <= MAX_CLASSES):
+        raise UsageError(f"number of classes must be an integer in [2, {MAX_CLASSES}], got {spec.num_classes!r}")
+    wrong = shape_problem(spec.input_shape)
+    if wrong:
+        raise UsageError(f"input shape {wrong}")
     if spec.activation is not None and spec.activation not in ACTIVATIONS:
         raise UsageError(f"unknown activation '{spec.activation}'; choose one of {', '.join(ACTIVATIONS)}")
     if not is_user_model(spec.name):
@@ -493,6 +534,30 @@ def _check_spec(spec: ModelSpec) -> None:
                 f"model '{spec.name}' has no option {', '.join(unknown)}; "
                 f"valid options: {', '.join(sorted(valid))}"
             )
+
+
+# --------------------------------------------------------------------------------------
+# The trust boundary: user code runs only when the user names it
+# --------------------------------------------------------------------------------------
+
+# Factories the user named on the command line (``--model pkg.mod:factory``) or in code.
+_TRUSTED_FACTORIES: set[str] = set()
+
+
+def trust_factory(name: str) -> None:
+    """Allow the user factory ``name`` (``package.module:factory``) to be imported and
+    called, also when a file names it. The CLI calls this for ``--model``; nothing
+    read from a file ever does."""
+    if is_user_model(name):
+        _TRUSTED_FACTORIES.add(name)
+
+
+def check_trusted(spec: ModelSpec, where: str) -> None:
+    """Refuse a spec read from a file (``where``) that names a user factory the user did
+    not name: importing it would run code on the file's word."""
+    if is_user_model(spec.name) and spec.name not in _TRUSTED_FACTORIES:
+        raise UsageError(f"{where} names the model factory {spec.name[:80]!r}, and gitool never imports code "
+                         f"because a file says so; if you trust that module, pass --model {spec.name[:80]}")
 
 
 def build_user_model(spec: ModelSpec) -> nn.Module:
@@ -520,6 +585,8 @@ def build_user_model(spec: ModelSpec) -> nn.Module:
             f"model option(s) {', '.join(clashing)} clash with gitool's own arguments; "
             "use --classes, --image-shape, --activation or --no-bias instead"
         )
+    if spec.from_file and spec.name not in _TRUSTED_FACTORIES:
+        check_trusted(spec, "a file")
     factory = _import_factory(spec.name)
     accepted = _accepted_keywords(factory)
     if accepted is not None:
