@@ -45,14 +45,23 @@ err = Console(stderr=True)  # messages and progress on stderr
 
 def main() -> None:
     """Console entry point: one clear line and an exit code instead of a traceback."""
+    from gitool.atomic import Terminated, install_signal_handlers
+
+    install_signal_handlers()
     try:
         app()
     except GitoolError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        err.print("[bold red]error:[/] interrupted")
+        err.print("[bold red]error:[/] interrupted; files finished before stayed as they were")
         sys.exit(130)
+    except Terminated:
+        err.print("[bold red]error:[/] terminated; files finished before stayed as they were")
+        sys.exit(143)
+    except RecursionError:
+        err.print("[bold red]error:[/] input nested too deeply to process", highlight=False)
+        sys.exit(1)
     except Exception as exc:
         if is_out_of_memory(exc):  # a size the user asked for, not a bug
             wanted = re.search(r"allocate (\d+) bytes", str(exc))
@@ -243,6 +252,14 @@ def option_errors():
         raise as_option_error(exc, UsageError) from None
 
 
+def check_seed(seed: int, count: int = 1) -> None:
+    """Seeds S .. S + count - 1 must fit the generators (numpy's and torch's take 0 .. 2**63 - 1 here)."""
+    from gitool.specs import MAX_SEED
+
+    if not 0 <= seed <= MAX_SEED - (count - 1):
+        raise UsageError(f"--seed must be in [0, 2**63 - 1]{' less --repeat' if count > 1 else ''}, got {seed}")
+
+
 def check_device(device: str) -> None:
     import torch
 
@@ -328,6 +345,7 @@ def capture(
     check_device(device)
     if repeat < 1:
         raise UsageError("--repeat must be at least 1")
+    check_seed(seed, repeat)
     if repeat > 1 and out_dir is None:
         raise UsageError("--repeat N needs --out-dir DIR")
     if out_dir is None and output is None:
@@ -428,41 +446,40 @@ def inspect(
     file: Annotated[Path, typer.Argument(help="Any gitool file.")],
     json_output: JsonOpt = False,
 ) -> None:
-    """Show a file's kind, version, metadata and a table of its tensors (shape, dtype, norm, range)."""
-    import torch
+    """Show a file's kind, version, metadata and a table of its tensors (shape, dtype, norm, range).
 
-    from gitool.files import read_raw
+    Any parseable gitool file is shown, also one that the attack commands would refuse:
+    the reason is printed as a warning (and in --json as "problem"). Statistics are
+    computed piece by piece, so a huge tensor costs no more memory than a small one.
 
-    raw = read_raw(file)
-    rows = []
-    for name, tensor in raw.tensors.items():
-        values = tensor.to(torch.float64) if tensor.numel() else tensor
-        rows.append({
-            "name": name,
-            "shape": list(tensor.shape),
-            "dtype": str(tensor.dtype).replace("torch.", ""),
-            "norm": float(values.norm()) if tensor.numel() else 0.0,
-            "min": float(values.min()) if tensor.numel() else None,
-            "max": float(values.max()) if tensor.numel() else None,
-        })
-    document = {"path": str(raw.path), "kind": raw.kind, "version": raw.version, "producer": raw.producer,
-                "metadata": raw.meta, "tensors": rows}
+    Example: gitool inspect run/0000.update.safetensors
+    """
+    from gitool.inspect import inspect_file
+
+    document = inspect_file(file)
     if json_output:
         emit_json(document)
         return
-    out.print(f"[bold]{raw.path}[/]: gitool [cyan]{raw.kind}[/] file, format {raw.version} ({raw.producer})",
-              highlight=False)
+    out.print(f"[bold]{document['path']}[/]: gitool [cyan]{document['kind']}[/] file, format {document['version']} "
+              f"({document['producer']})", highlight=False)
     from rich.pretty import Pretty
 
-    out.print(Pretty(raw.meta, max_length=12, max_string=200))
-    table = Table(title=f"{len(rows)} tensors", show_lines=False)
+    out.print(Pretty(document["metadata"], max_length=12, max_string=200, max_depth=6))
+    table = Table(title=f"{len(document['tensors'])} tensors", show_lines=False)
     for column in ("name", "shape", "dtype", "norm", "min", "max"):
-        table.add_column(column, justify="right" if column in ("norm", "min", "max") else "left")
-    for row in rows:
-        table.add_row(row["name"], "x".join(map(str, row["shape"])) or "scalar", row["dtype"], f"{row['norm']:.4g}",
-                      f"{row['min']:.4g}" if row["min"] is not None else "-",
-                      f"{row['max']:.4g}" if row["max"] is not None else "-")
+        table.add_column(column, justify="right" if column in ("norm", "min", "max") else "left",
+                         overflow="fold", no_wrap=column != "name")
+    for row in document["tensors"]:
+        table.add_row(row["name"], "x".join(map(str, row["shape"])) or "scalar", row["dtype"], _fmt_stat(row["norm"]),
+                      _fmt_stat(row["min"]), _fmt_stat(row["max"]))
     out.print(table)
+    if document["problem"]:
+        err.print(f"[bold yellow]warning:[/] the attack commands would refuse this file: {document['problem']}",
+                  highlight=False, soft_wrap=True)
+
+
+def _fmt_stat(value: Any) -> str:
+    return "-" if value is None else f"{value:.4g}"
 
 
 # --------------------------------------------------------------------------- train
@@ -496,6 +513,7 @@ def train(
     from gitool.train import check_settings, train_model
 
     check_device(device)
+    check_seed(seed)
     check_output(output)
     refuse_overlap([("--init", Path(init) if init not in ("uniform", "default") else None)], [("--output", output)])
     check_settings(epochs=epochs, lr=lr, batch_size=batch_size)
@@ -750,6 +768,7 @@ def reconstruct(
     if method not in RECON_METHODS:
         raise UsageError(f"--method must be one of {', '.join(RECON_METHODS)}, got {method!r}")
     check_device(device)
+    check_seed(seed)
     trust_models(model)
     check_output(output)
     check_output(png, "--png")
@@ -870,6 +889,7 @@ def labels(
     from gitool.labels import LABEL_METHODS
 
     check_device(device)
+    check_seed(seed)
     trust_models(model)
     if method != "auto" and method not in LABEL_METHODS:
         raise UsageError(f"--method must be auto or one of {', '.join(LABEL_METHODS)}, got {method!r}")

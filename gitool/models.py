@@ -603,7 +603,21 @@ def build_user_model(spec: ModelSpec) -> nn.Module:
         raise GitoolError(f"model factory {spec.name} failed: {type(error).__name__}: {error}") from error
     if not isinstance(model, nn.Module):
         raise GitoolError(f"model factory {spec.name} returned {type(model).__name__}, not a torch.nn.Module")
+    model.register_forward_hook(_one_tensor_out(spec.name))
     return model
+
+
+def _one_tensor_out(name: str):
+    """A forward hook that refuses, in one line, a forward() returning anything but the
+    logits tensor (a tuple (logits, features) or a dict, as many published models do)."""
+
+    def check(module: nn.Module, inputs: Any, output: Any) -> None:
+        if not isinstance(output, torch.Tensor):
+            kind = type(output).__name__
+            raise GitoolError(f"model {name}: forward() returns a {kind}, not one tensor of logits; wrap the model "
+                              "so that forward returns the logits only")
+
+    return check
 
 
 def _import_factory(name: str) -> Callable[..., Any]:
@@ -611,7 +625,7 @@ def _import_factory(name: str) -> Callable[..., Any]:
     module_name, _, attribute = name.partition(":")
     if not module_name or not attribute:
         raise UsageError(f"user model '{name}' must look like package.module:factory")
-    with _current_directory_on_path():
+    with _current_directory_on_path(module_name):
         try:
             module = importlib.import_module(module_name)
         except Exception as error:  # ImportError, or whatever the module's own code raised
@@ -625,10 +639,14 @@ def _import_factory(name: str) -> Callable[..., Any]:
 
 
 @contextlib.contextmanager
-def _current_directory_on_path():
-    """Let ``import`` find modules in the current directory, for the duration of the block."""
+def _current_directory_on_path(module_name: str):
+    """Let ``import`` find the named module in the current directory, for the duration of
+    the block, and only when that module (``NAME.py`` or a package ``NAME/``) is there:
+    nothing else is imported from the working directory."""
     cwd = os.getcwd()
-    added = cwd not in sys.path
+    top = module_name.split(".")[0]
+    here = os.path.isfile(os.path.join(cwd, f"{top}.py")) or os.path.isdir(os.path.join(cwd, top))
+    added = here and cwd not in sys.path
     if added:
         sys.path.insert(0, cwd)
     try:

@@ -203,8 +203,8 @@ def solve_options(options: dict[str, Any]) -> SolveOptions:
     for key, kind in (("tol", float), ("max_iter", int), ("condition_limit", float), ("dense_limit", int)):
         if options.get(key) is not None:
             value = kind(options[key])
-            if value <= 0:
-                raise UsageError(f"--{key.replace('_', '-')} must be positive, got {value}")
+            if not 0 < value < math.inf:  # NaN fails this too
+                raise UsageError(f"--{key.replace('_', '-')} must be positive and finite, got {value}")
             setattr(parsed, key, value)
     return parsed
 

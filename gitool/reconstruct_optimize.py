@@ -51,24 +51,31 @@ def parse_layer_weights(value: Any) -> dict[str, float] | None:
     return out
 
 
+def _given(options: dict[str, Any], key: str, default: Any) -> Any:
+    """The option's value, or ``default`` only when it was not given (0 is a value, and
+    an impossible one is refused by MatchConfig.validate, never replaced)."""
+    value = options.get(key)
+    return default if value is None else value
+
+
 def match_config(options: dict[str, Any]) -> MatchConfig:
-    optimizer = str(options.get("optimizer") or "adam")
+    optimizer = str(_given(options, "optimizer", "adam"))
     lbfgs = optimizer == "lbfgs"
     return MatchConfig(
-        distance=str(options.get("distance") or "cosine"),
-        terms=str(options.get("terms") or "g"),
-        feature_weight=float(options.get("feature_weight", 1.0)),
-        tv=float(options.get("tv", 1e-2)),
+        distance=str(_given(options, "distance", "cosine")),
+        terms=str(_given(options, "terms", "g")),
+        feature_weight=float(_given(options, "feature_weight", 1.0)),
+        tv=float(_given(options, "tv", 1e-2)),
         layer_weights=parse_layer_weights(options.get("layer_weights")),
         optimizer=optimizer,
-        iterations=int(options.get("iterations") or (300 if lbfgs else 4800)),
-        lr=float(options.get("lr") or (1.0 if lbfgs else 0.1)),
-        restarts=int(options.get("restarts") or 1),
+        iterations=int(_given(options, "iterations", 300 if lbfgs else 4800)),
+        lr=float(_given(options, "lr", 1.0 if lbfgs else 0.1)),
+        restarts=int(_given(options, "restarts", 1)),
         signed=bool(options.get("signed", False)),
-        lbfgs_inner=int(options.get("lbfgs_inner") or 20),
+        lbfgs_inner=int(_given(options, "lbfgs_inner", 20)),
         line_search=bool(options.get("line_search", True)),
-        seed=int(options.get("seed") or 0),
-        report_every=max(1, int(options.get("report_every") or 50)),
+        seed=int(_given(options, "seed", 0)),
+        report_every=max(1, int(_given(options, "report_every", 50))),
     )
 
 
