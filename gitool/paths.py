@@ -39,7 +39,7 @@ def refuse_overlap(inputs: Iterable[tuple[str, Path | None]], outputs: Iterable[
             continue
         key = identity(Path(path))
         if key in seen:
-            raise UsageError(f"{what} {path} is the input {seen[key]}; gitool never writes over what it reads: "
+            raise UsageError(f"{what} {path} is also an input ({seen[key]}); gitool never writes over what it reads: "
                              "choose another output")
         if key in written:
             raise UsageError(f"{what} {path} and {written[key]} are the same file; give each output its own name")
