@@ -190,6 +190,8 @@ ModelOptOpt = Annotated[Optional[list[str]], typer.Option("--model-opt", help="M
                         "(e.g. channels=77,22,3,3 for rconv-lenet, widths=4096,1024,256 for fcn4).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout, nothing else.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, cuda:1 ...")]
+LABEL_METHOD_HELP = __import__("gitool.labels", fromlist=["METHOD_HELP"]).METHOD_HELP
+RECON_METHOD_HELP = __import__("gitool.reconstruct", fromlist=["METHOD_HELP"]).METHOD_HELP
 TrustOpt = Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Trust the user model factory "
                      "package.module:factory that the update names (importing it runs that module's code); "
                      "gitool never imports code because a file names it. Zoo models need nothing.")]
@@ -700,8 +702,7 @@ def reconstruct(
     features_path: Annotated[Optional[Path], typer.Option("--features", "-f", help="Recovered last-layer features "
                              "(from `gitool features`); without it a single-sample gradient with a classifier bias "
                              "uses the bias ratio x = dW_i / db_i.")] = None,
-    method: Annotated[str, typer.Option("--method", help="fc (fully-connected nets, Wang et al.) | conv (plain "
-                      "conv stacks with an FC head, R-CONV) | optimize.")] = "conv",
+    method: Annotated[str, typer.Option("--method", help=RECON_METHOD_HELP)] = "conv",
     png: Annotated[Optional[Path], typer.Option("--png", help="Also write the reconstructed images as a PNG "
                    "grid.")] = None,
     explain: Annotated[bool, typer.Option("--explain", help="Before solving, print per layer the unknowns, "
@@ -760,7 +761,6 @@ def reconstruct(
     json_output: JsonOpt = False,
 ) -> None:
     """Reconstruct the client's input images from the update, the recovered labels and features."""
-    from gitool import reconstruct_analytic
     from gitool.files import load_result, load_update, new_result, save_result
     from gitool.reconstruct import RECON_METHODS
     from gitool.reconstruct import reconstruct as run_reconstruction
@@ -774,12 +774,8 @@ def reconstruct(
     check_output(png, "--png")
     refuse_overlap([("the update", update_path), ("--labels", labels_path), ("--features", features_path)],
                    [("--output", output), ("--png", png)])
-    update = load_update(update_path)
-    labels = load_result(labels_path, ["labels"]) if labels_path is not None else None
-    features = load_result(features_path, ["features"]) if features_path is not None else None
     options = {"solver": solver, "constraints": constraints, "tol": tol, "max_iter": max_iter,
                "condition_limit": condition_limit, "dense_limit": dense_limit, "device": device}
-    reconstruct_analytic.solve_options(options)  # bad values fail before any work
     if method == "optimize":
         if save_every and save_dir is None:
             save_dir = output.parent / f"{_stem(output)}.optimize-steps"
@@ -788,7 +784,13 @@ def reconstruct(
                    "signed": signed, "line_search": line_search, "joint_labels": joint_labels,
                    "layer_weights": layer_weights, "save_every": save_every,
                    "save_dir": str(save_dir) if save_dir else None, "seed": seed, "device": device}
+    RECON_METHODS[method].parse_options(options)  # bad values fail before any file is read
+    update = load_update(update_path)
+    labels = load_result(labels_path, ["labels"]) if labels_path is not None else None
+    features = load_result(features_path, ["features"]) if features_path is not None else None
     if explain and method in ("fc", "conv") and not json_output:
+        from gitool import reconstruct_analytic
+
         err.print(_explain_table(reconstruct_analytic.explain(update, method)))
     started = time.perf_counter()
     with progress_bar(enabled=not json_output) as bar:
@@ -801,7 +803,7 @@ def reconstruct(
         outcome = run_reconstruction(update, labels, features, method, options, progress)
     seconds = time.perf_counter() - started
     result = new_result("reconstruction", {"images": outcome.images}, method=method, update=update,
-                        options=options, diagnostics=outcome.diagnostics, wall_time=seconds)
+                        options=outcome.options, diagnostics=outcome.diagnostics, wall_time=seconds)
     save_result(result, output)
     if png is not None:
         from gitool.plotting import save_image_grid
@@ -823,22 +825,11 @@ def reconstruct(
 
 
 def _label_method(name: str, update):
-    """The registered function for ``name`` ("auto" picks from the update), with an error that
-    names the batch methods when a batch / multi-step update needs one that is missing."""
-    from gitool.labels import LABEL_METHODS, auto_method, resolve
+    """The registry entry for ``name`` ("auto" picks from the update)."""
+    from gitool.labels import label_method
 
-    chosen = auto_method(update) if name == "auto" else name
-    try:
-        return chosen, resolve(LABEL_METHODS, chosen, "label method")
-    except UsageError:
-        if update.is_single_gradient:
-            raise
-        from gitool.labels_single import BATCH_METHODS
-
-        raise UsageError(
-            f"{update.path} holds {update.num_samples} samples ({update.training.batch_size} x "
-            f"{update.training.steps} steps): it needs a batch label method ({', '.join(BATCH_METHODS)}), "
-            f"and {chosen!r} is not available in this build of gitool") from None
+    method = label_method(update, name)
+    return method.name, method
 
 
 def _label_row(path: Path, output: Path, name: str, outcome, seconds: float) -> dict[str, Any]:
@@ -862,17 +853,18 @@ def labels(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="The labels file (one update).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out-dir", help="Folder for many updates: each output keeps its "
                        "input's stem (0007.update -> 0007.labels).")] = None,
-    method: Annotated[str, typer.Option("--method", help="auto (bias for a single-sample gradient with a last-layer "
-                      "bias, lambda without one, rlu for batches / multi-step updates) or a method name: bias, "
-                      "lambda, idlg, yin, llg, llg+, zlg, ilrg, rlu.")] = "auto",
-    family: Annotated[str, typer.Option("--family", help="Label family prior for the single-sample methods: auto "
-                      "(fit smoothing and mixup, keep the clearly better) | hard | smoothing | mixup.")] = "auto",
-    search: Annotated[str, typer.Option("--search", help="lambda search: scan (dense grid over both signs, every "
-                      "minimum refined to round-off) | pso (the paper's particle swarm, slow; for comparison).")]
-    = "scan",
+    method: Annotated[str, typer.Option("--method", help=LABEL_METHOD_HELP)] = "auto",
+    family: Annotated[Optional[str], typer.Option("--family", help="Label family prior for the single-sample "
+                      "methods: auto (fit smoothing and mixup, keep the clearly better) | hard | smoothing | mixup; "
+                      "default: the family the update records, auto when it is unknown.",
+                      rich_help_panel="single-sample methods")] = None,
+    search: Annotated[Optional[str], typer.Option("--search", help="lambda search: scan (dense grid over both signs, "
+                      "every minimum refined to round-off, default) | pso (the paper's particle swarm, slow; for "
+                      "comparison).", rich_help_panel="single-sample methods")] = None,
     aux: Annotated[Optional[str], typer.Option("--aux", help="Auxiliary data source for the batch methods that "
-                   "need one (a --data spec).")] = None,
-    aux_per_class: Annotated[int, typer.Option("--aux-per-class", help="Auxiliary samples per class.")] = 10,
+                   "need one (a --data spec).", rich_help_panel="batch methods")] = None,
+    aux_per_class: Annotated[Optional[int], typer.Option("--aux-per-class", help="Auxiliary samples per class "
+                             "(default 10).", rich_help_panel="batch methods")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for randomised searches (pso) and methods.")] = 0,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="PNG of the search loss over lambda, the chosen "
                     "minimum marked (one update).")] = None,
@@ -884,7 +876,6 @@ def labels(
 
     A single-sample gradient gives its exact soft label: through the last-layer bias, or without one by the lambda search of Wang et al. (ICLR 2024) with a label-structure prior (hard, label smoothing, mixup). Writes a labels file per update (labels 1 x K and counts) with the method, options and diagnostics.
     """
-    from gitool.attacks.soft_label import FAMILIES, SEARCHES
     from gitool.files import expand_inputs, load_update, new_result, output_name, save_result
     from gitool.labels import LABEL_METHODS
 
@@ -893,12 +884,11 @@ def labels(
     trust_models(model)
     if method != "auto" and method not in LABEL_METHODS:
         raise UsageError(f"--method must be auto or one of {', '.join(LABEL_METHODS)}, got {method!r}")
-    if family not in FAMILIES:
-        raise UsageError(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
-    if search not in SEARCHES:
-        raise UsageError(f"--search must be one of {', '.join(SEARCHES)}, got {search!r}")
-    if aux_per_class < 1:
-        raise UsageError("--aux-per-class must be at least 1")
+    options = {"family": family, "search": search, "seed": seed, "device": device, "aux": aux,
+               "aux_per_class": aux_per_class}
+    for entry in ([LABEL_METHODS[method]] if method != "auto" else LABEL_METHODS.values()):
+        if method != "auto" or not entry.needs_aux:
+            entry.parse_options(options)  # impossible values fail before any file is read
     paths = expand_inputs(updates, "update")
     if output is not None and out_dir is not None:
         raise UsageError("give -o/--output FILE for one update or --out-dir DIR for many, not both")
@@ -920,8 +910,6 @@ def labels(
                    + [("--plot", plot)])
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-    options = {"family": family, "search": search, "seed": seed, "device": device, "aux": aux,
-               "aux_per_class": aux_per_class}
 
     rows, failures = [], []
     with progress_bar(enabled=len(paths) > 1 and not json_output) as bar:
@@ -929,14 +917,13 @@ def labels(
         for path in paths:
             try:
                 update = load_update(path)
-                name, function = _label_method(method, update)
-                started = time.perf_counter()
-                outcome = function(update, dict(options))
-                seconds = time.perf_counter() - started
+                name, entry = _label_method(method, update)
+                outcome = entry(update, options, LABEL_METHODS)
+                seconds = outcome.seconds
                 tensors = {key: value for key, value in (("labels", outcome.labels), ("counts", outcome.counts))
                            if value is not None}
                 target = targets[path]
-                result = new_result("labels", tensors, method=name, update=update, options=options,
+                result = new_result("labels", tensors, method=name, update=update, options=outcome.options,
                                     diagnostics=outcome.diagnostics, wall_time=seconds)
                 save_result(result, target)
                 if plot is not None:

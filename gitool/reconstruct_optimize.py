@@ -22,6 +22,7 @@ Adapter from an update file plus labels / features results to
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from gitool.attacks.gradient_matching import ClientTraining, GradientMatcher, Ma
 from gitool.errors import UsageError
 from gitool.facts import require_facts
 from gitool.reconstruct import ReconOutcome
+from gitool.specs import Interval, OneOf, Optional_, check_fields, fact
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -97,7 +99,37 @@ def fixed_labels(update, labels) -> torch.Tensor | None:
     return labels_from_counts(counts, n, float(eps))
 
 
-def reconstruct_optimize(update, labels, features, options: dict[str, Any], progress=None) -> ReconOutcome:
+@dataclass(frozen=True)
+class OptimizeOptions:
+    """Options of --method optimize, each with its default and constraint (None:
+    the optimiser's own default, 4800 Adam or 300 L-BFGS iterations, lr 0.1 or 1)."""
+
+    distance: str = fact("cosine", OneOf(("cosine", "l2")))
+    tv: float = fact(1e-2, Interval(float, 0.0, None))
+    terms: str = fact("g", OneOf(("g", "f", "gf")))
+    feature_weight: float = fact(1.0, Interval(float, 0.0, None))
+    optimizer: str = fact("adam", OneOf(("adam", "lbfgs")))
+    iterations: int | None = fact(None, Optional_(Interval(int, 1, None)))
+    lr: float | None = fact(None, Optional_(Interval(float, 0.0, None, closed="neither")))
+    restarts: int = fact(1, Interval(int, 1, 10_000))
+    signed: bool = False
+    line_search: bool = True
+    joint_labels: bool = False
+    layer_weights: Any = None
+    save_every: int = fact(0, Interval(int, 0, None))
+    save_dir: str | None = None
+    seed: int = fact(0, Interval(int, 0, 2**63 - 1))
+    report_every: int | None = fact(None, Optional_(Interval(int, 1, None)))
+    lbfgs_inner: int | None = fact(None, Optional_(Interval(int, 1, None)))
+    dtype: str = fact("float32", OneOf(("float32", "float64")))
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        check_fields(self, "options")
+
+
+def reconstruct_optimize(update, options, labels=None, features=None, progress=None) -> ReconOutcome:
+    options = dict(options) if isinstance(options, dict) else asdict(options)
     for result in (labels, features):
         if result is not None:
             result.check_source(update)

@@ -493,7 +493,7 @@ def test_reconstruction_of_the_reimported_update_is_identical(run_cli, capture_f
 
 
 @pytest.mark.parametrize("method,needs", [
-    (("labels", "rlu"), "label counts needs"),
+    (("labels", "rlu"), "--method rlu needs"),
     (("reconstruct", "fc"), "analytic reconstruction needs"),
     (("reconstruct", "optimize"), "--method optimize needs"),
 ])
