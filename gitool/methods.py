@@ -146,3 +146,21 @@ def resolve(registry: dict[str, Method], name: str, what: str) -> Method:
     if name not in registry:
         raise UsageError(f"unknown {what} {name!r}; choose one of {', '.join(registry)}")
     return registry[name]
+
+
+def markdown_table(registry: dict[str, Method]) -> str:
+    """The registry as the Markdown table docs/methods.md shows."""
+    lines = ["| method | accepts | needs facts | what it does |", "| --- | --- | --- | --- |"]
+    for m in registry.values():
+        facts = list(m.facts) + (["lr, optimizer, weight_decay (deltas)"] if m.delta_facts else [])
+        facts += ["--aux data"] if m.needs_aux else []
+        lines.append(f"| `{m.name}` | {', '.join(m.accepts)} | {', '.join(facts) or '-'} | {m.summary} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # print the tables for docs/methods.md
+    from gitool.labels import LABEL_METHODS
+    from gitool.reconstruct import RECON_METHODS
+
+    for title, registry in (("labels", LABEL_METHODS), ("reconstruct", RECON_METHODS)):
+        print(f"`gitool {title} --method`:\n\n{markdown_table(registry)}")
