@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -29,8 +30,36 @@ from gitool import __version__
 from gitool.errors import GitoolError, UsageError
 from gitool.paths import identity, refuse_overlap
 
+# Commands in the order of an attack chain, then the tools around it.
+CHAIN_ORDER = ("capture", "labels", "features", "reconstruct", "score", "inspect", "import", "export", "train",
+               "models", "demo")
+
+
+class ChainOrderGroup(typer.core.TyperGroup):
+    def list_commands(self, ctx) -> list[str]:
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: CHAIN_ORDER.index(n) if n in CHAIN_ORDER else len(CHAIN_ORDER))
+
+
+def _metavar(self, ctx) -> str | None:
+    """What help shows after an option: nothing for a flag, a word for a value (no <bool>)."""
+    if getattr(self, "is_flag", False) or getattr(self, "is_bool_flag", False):
+        return None
+    if self.metavar is not None:
+        return self.metavar
+    shown = (self.display_type(ctx) or "").strip("<>")
+    word = {"path": "PATH", "int": "N", "float": "X", "str": "TEXT", "list[Path]": "PATH...",
+            "list[str]": "TEXT", "list[path]": "PATH..."}.get(shown, shown.upper() or None)
+    return word
+
+
+if hasattr(typer.core, "TyperOption") and hasattr(typer.core.TyperOption, "display_type_rich"):
+    typer.core.TyperOption.display_type_rich = _metavar
+    typer.core.TyperArgument.display_type_rich = _metavar
+
 app = typer.Typer(
     name="gitool",
+    cls=ChainOrderGroup,
     help="Measure how much a federated-learning client's gradient or model update leaks about its "
     "private training data. Chain the steps: capture -> labels -> features -> reconstruct -> score; "
     "inspect any file.",
@@ -178,16 +207,16 @@ def parse_normalization(text: str, channels: int) -> tuple[tuple[float, ...], tu
 
 # Model options shared by capture, train and import.
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model: a registry name (see `gitool models`) "
-                     "or a user factory `package.module:callable` (importing it runs that module's code).")]
-NumClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", "-K", help="Number of classes K.")]
-ImageSizeOpt = Annotated[Optional[str], typer.Option("--image-size", help="Input size: S (3xSxS) or CxHxW.")]
+                     "or a user factory `package.module:callable` (importing it runs that module's code).", rich_help_panel="model")]
+NumClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", "-K", help="Number of classes K.", rich_help_panel="model")]
+ImageSizeOpt = Annotated[Optional[str], typer.Option("--image-size", help="Input size: S (3xSxS) or CxHxW.", rich_help_panel="model")]
 ActivationOpt = Annotated[Optional[str], typer.Option("--activation",
-                          help="relu | leakyrelu | sigmoid | tanh (default: the model's own).")]
-NoBiasOpt = Annotated[bool, typer.Option("--no-bias", help="No bias on the last (classifier) layer.")]
+                          help="relu | leakyrelu | sigmoid | tanh (default: the model's own).", rich_help_panel="model")]
+NoBiasOpt = Annotated[bool, typer.Option("--no-bias", help="No bias on the last (classifier) layer.", rich_help_panel="model")]
 InitOpt = Annotated[str, typer.Option("--init", help="uniform (all parameters U(-0.5, 0.5), the papers' untrained "
-                    "setting) | default (PyTorch's) | a checkpoint file (.safetensors, or .pt loaded weights-only).")]
+                    "setting) | default (PyTorch's) | a checkpoint file (.safetensors, or .pt loaded weights-only).", rich_help_panel="model")]
 ModelOptOpt = Annotated[Optional[list[str]], typer.Option("--model-opt", help="Model-specific KEY=VALUE, repeatable "
-                        "(e.g. channels=77,22,3,3 for rconv-lenet, widths=4096,1024,256 for fcn4).")]
+                        "(e.g. channels=77,22,3,3 for rconv-lenet, widths=4096,1024,256 for fcn4).", rich_help_panel="model")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout, nothing else.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, cuda:1 ...")]
 LABEL_METHOD_HELP = __import__("gitool.labels", fromlist=["METHOD_HELP"]).METHOD_HELP
@@ -297,40 +326,40 @@ def capture(
     init: InitOpt = "uniform",
     model_opt: ModelOptOpt = None,
     data: Annotated[str, typer.Option("--data", "-d", help="Data source: synthetic, digits, samples, folder:PATH, "
-                    "cifar10:PATH, cifar100:PATH.")] = "synthetic",
+                    "cifar10:PATH, cifar100:PATH.", rich_help_panel="private data")] = "synthetic",
     normalize: Annotated[Optional[str], typer.Option("--normalize", help="none | half | cifar10 | cifar100 | "
-                         "imagenet | MEAN/STD (comma lists); default: the --init checkpoint's, else none.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-B", help="Samples per local step (B).")] = 1,
-    steps: Annotated[int, typer.Option("--steps", help="Local steps m (m > 1 sends the update delta).")] = 1,
-    lr: Annotated[float, typer.Option("--lr", help="Local learning rate eta.")] = 0.01,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="sgd | momentum | fedprox.")] = "sgd",
-    momentum: Annotated[float, typer.Option("--momentum", help="Momentum for --optimizer momentum.")] = 0.9,
-    prox_mu: Annotated[float, typer.Option("--prox-mu", help="FedProx mu for --optimizer fedprox.")] = 0.0,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="L2 weight decay in local steps.")] = 0.0,
+                         "imagenet | MEAN/STD (comma lists); default: the --init checkpoint's, else none.", rich_help_panel="private data")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-B", help="Samples per local step (B).", rich_help_panel="local training")] = 1,
+    steps: Annotated[int, typer.Option("--steps", help="Local steps m (m > 1 sends the update delta).", rich_help_panel="local training")] = 1,
+    lr: Annotated[float, typer.Option("--lr", help="Local learning rate eta.", rich_help_panel="local training")] = 0.01,
+    optimizer: Annotated[str, typer.Option("--optimizer", help="sgd | momentum | fedprox.", rich_help_panel="local training")] = "sgd",
+    momentum: Annotated[float, typer.Option("--momentum", help="Momentum for --optimizer momentum.", rich_help_panel="local training")] = 0.9,
+    prox_mu: Annotated[float, typer.Option("--prox-mu", help="FedProx mu for --optimizer fedprox.", rich_help_panel="local training")] = 0.0,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="L2 weight decay in local steps.", rich_help_panel="local training")] = 0.0,
     label_smoothing: Annotated[Optional[str], typer.Option("--label-smoothing", help="Label smoothing eps, or a "
-                               "range LO:HI drawn per sample.")] = None,
+                               "range LO:HI drawn per sample.", rich_help_panel="labels the client trained on")] = None,
     mixup: Annotated[Optional[float], typer.Option("--mixup", help="Mixup with coefficient ~ Beta(ALPHA, ALPHA) "
-                     "per sample, partner of another class.")] = None,
-    mixup_coef: Annotated[Optional[float], typer.Option("--mixup-coef", help="Mixup with a fixed coefficient C.")]
+                     "per sample, partner of another class.", rich_help_panel="labels the client trained on")] = None,
+    mixup_coef: Annotated[Optional[float], typer.Option("--mixup-coef", help="Mixup with a fixed coefficient C.", rich_help_panel="labels the client trained on")]
     = None,
-    dp_clip: Annotated[Optional[float], typer.Option("--dp-clip", help="DP-SGD: clip per-sample gradients to C.")]
+    dp_clip: Annotated[Optional[float], typer.Option("--dp-clip", help="DP-SGD: clip per-sample gradients to C.", rich_help_panel="defences")]
     = None,
     dp_noise: Annotated[Optional[float], typer.Option("--dp-noise", help="DP-SGD: noise multiplier sigma "
-                        "(noise std sigma x C).")] = None,
+                        "(noise std sigma x C).", rich_help_panel="defences")] = None,
     prune: Annotated[Optional[float], typer.Option("--prune", help="Zero this fraction of each tensor's smallest "
-                     "entries (top-k pruning).")] = None,
-    indices: Annotated[Optional[str], typer.Option("--indices", help="Exact item indices, comma-separated (B x m).")]
+                     "entries (top-k pruning).", rich_help_panel="defences")] = None,
+    indices: Annotated[Optional[str], typer.Option("--indices", help="Exact item indices, comma-separated (B x m).", rich_help_panel="private data")]
     = None,
     classes: Annotated[Optional[str], typer.Option("--classes", help="Classes, comma-separated: one per sample, "
-                       "or a pool to draw from.")] = None,
+                       "or a pool to draw from.", rich_help_panel="private data")] = None,
     dirichlet: Annotated[Optional[float], typer.Option("--dirichlet", help="Class mix ~ Dirichlet(ALPHA) "
-                         "(heterogeneous client).")] = None,
+                         "(heterogeneous client).", rich_help_panel="private data")] = None,
     mode: Annotated[str, typer.Option("--mode", help="Model mode in local training: train | eval "
-                    "(batch norm).")] = "train",
+                    "(batch norm).", rich_help_panel="local training")] = "train",
     dtype: Annotated[str, typer.Option("--dtype", help="float32 | float64 (analytic attacks are exact "
-                     "in float64).")] = "float32",
+                     "in float64).", rich_help_panel="local training")] = "float32",
     send: Annotated[Optional[str], typer.Option("--send", help="gradient | delta (default: gradient for one "
-                    "step, delta for m > 1).")] = None,
+                    "step, delta for m > 1).", rich_help_panel="local training")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for init, sampling, labels and noise.")] = 0,
     device: DeviceOpt = "cpu",
     json_output: JsonOpt = False,
@@ -339,6 +368,8 @@ def capture(
 
     One step (m = 1) sends the gradient (FedSGD); m > 1 sends theta_after - theta_before
     (FedAvg). Only `score` may read the truth file.
+
+    Example: gitool capture --model lenet --data samples --label-smoothing 0.1 -o run/c.update.safetensors
     """
     from gitool.capture import CaptureConfig, SampleChoice, capture as run_capture
     from gitool.data import open_source
@@ -506,7 +537,10 @@ def train(
     device: DeviceOpt = "cpu",
     json_output: JsonOpt = False,
 ) -> None:
-    """Train a model of the zoo on a data source and write a checkpoint, so trained models can be attacked."""
+    """Train a model of the zoo on a data source and write a checkpoint, so trained models can be attacked.
+
+    Example: gitool train --model lenet --data synthetic:300 --epochs 5 -o lenet.safetensors
+    """
     import torch
 
     from gitool.data import open_source
@@ -568,7 +602,10 @@ def score(
 
     Images: PSNR (peak 1, per image, then averaged) and SSIM (Gaussian 11x11, sigma 1.5)
     after one-to-one Hungarian matching on MSE; LPIPS (AlexNet) only with --lpips-weights,
-    since gitool bundles no network weights and downloads nothing (the output says so)."""
+    since gitool bundles no network weights and downloads nothing (the output says so).
+
+    Example: gitool score run/c.labels.safetensors --truth run/c.truth.safetensors
+    """
     from gitool import metrics
     from gitool.files import RESULT_KINDS, load_result, load_truth, stem_of
 
@@ -635,7 +672,7 @@ def score(
     for kind in kinds:
         columns = [c for c in metrics.HEADLINE[kind] if any(c in r for r in rows if r["kind"] == kind)]
         table = Table(title=f"{kind}")
-        table.add_column("file")
+        table.add_column("file", overflow="fold")
         table.add_column("method")
         for column in columns:
             table.add_column(column, justify="right")
@@ -760,7 +797,10 @@ def reconstruct(
     device: DeviceOpt = "cpu",
     json_output: JsonOpt = False,
 ) -> None:
-    """Reconstruct the client's input images from the update, the recovered labels and features."""
+    """Reconstruct the client's input images from the update, the recovered labels and features.
+
+    Example: gitool reconstruct run/c.update.safetensors --labels run/c.labels.safetensors --features run/c.features.safetensors --method fc -o run/c.reconstruction.safetensors --png run/c.png
+    """
     from gitool.files import load_result, load_update, new_result, save_result
     from gitool.reconstruct import RECON_METHODS
     from gitool.reconstruct import reconstruct as run_reconstruction
@@ -875,6 +915,8 @@ def labels(
     """Recover the soft label (single-sample gradient) or the label counts (batch) from updates.
 
     A single-sample gradient gives its exact soft label: through the last-layer bias, or without one by the lambda search of Wang et al. (ICLR 2024) with a label-structure prior (hard, label smoothing, mixup). Writes a labels file per update (labels 1 x K and counts) with the method, options and diagnostics.
+
+    Example: gitool labels run/c.update.safetensors -o run/c.labels.safetensors   (many: gitool labels runs/ --out-dir out/)
     """
     from gitool.files import expand_inputs, load_update, new_result, output_name, save_result
     from gitool.labels import LABEL_METHODS
@@ -958,7 +1000,8 @@ def _print_label_rows(rows: list[dict[str, Any]]) -> None:
         return
     table = Table(title=f"labels: {len(rows)} file(s)")
     for column in ("file", "method", "family", "top classes", "eps / mix coef", "loss", "residual", "ok", "ms"):
-        table.add_column(column, justify="right" if column in ("loss", "residual", "ms") else "left")
+        table.add_column(column, justify="right" if column in ("loss", "residual", "ms") else "left",
+                         overflow="fold")  # fold, never cut, a name the user may copy
     for row in rows:
         d = row["diagnostics"]
         top = ", ".join(f"{c}: {v:.3f}" for c, v in row.get("top", []))
@@ -986,6 +1029,8 @@ def features(
     """Recover the last layer's input feature x of a single-sample gradient from its labels.
 
     With a last-layer bias x is the bias ratio; without one x = lambda G_r with the lambda that explains the label. Checks that (x, label) reproduce the gradient and warns (in the output and the file) when the relative residual is above tolerance.
+
+    Example: gitool features run/c.update.safetensors --labels run/c.labels.safetensors -o run/c.features.safetensors
     """
     from gitool.files import load_result, load_update, new_result, save_result
     from gitool.labels_single import recover_features
@@ -1020,7 +1065,10 @@ def features(
 
 @app.command("models")
 def list_models(json_output: JsonOpt = False) -> None:
-    """List the model zoo and the data sources with their options."""
+    """List the model zoo and the data sources with their options.
+
+    Example: gitool models --json
+    """
     from gitool.data import describe_sources
     from gitool.models import describe_models
 
@@ -1053,7 +1101,10 @@ def demo(
     = Path("gitool-demo"),
     json_output: JsonOpt = False,
 ) -> None:
-    """Run the whole attack chain on the bundled samples and write every file, PNG and a summary.json."""
+    """Run the whole attack chain on the bundled samples and write every file, PNG and a summary.json.
+
+    Example: gitool demo --out-dir gitool-demo
+    """
     from gitool.demo import run_demo
 
     if out_dir.exists() and not out_dir.is_dir():
@@ -1095,33 +1146,33 @@ def import_command(
     activation: ActivationOpt = None,
     no_bias: NoBiasOpt = False,
     model_opt: ModelOptOpt = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-B", help="Samples per local step.")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Local steps m.")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Local learning rate.")] = None,
-    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="sgd | momentum | fedprox.")] = None,
-    momentum: Annotated[Optional[float], typer.Option("--momentum", help="Momentum of --optimizer momentum.")]
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-B", help="Samples per local step.", rich_help_panel="local training")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Local steps m.", rich_help_panel="local training")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Local learning rate.", rich_help_panel="local training")] = None,
+    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="sgd | momentum | fedprox.", rich_help_panel="local training")] = None,
+    momentum: Annotated[Optional[float], typer.Option("--momentum", help="Momentum of --optimizer momentum.", rich_help_panel="local training")]
     = None,
-    prox_mu: Annotated[Optional[float], typer.Option("--prox-mu", help="FedProx mu of --optimizer fedprox.")]
+    prox_mu: Annotated[Optional[float], typer.Option("--prox-mu", help="FedProx mu of --optimizer fedprox.", rich_help_panel="local training")]
     = None,
     weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="L2 weight decay in local "
-                            "steps.")] = None,
-    mode: Annotated[Optional[str], typer.Option("--mode", help="Model mode in local training: train | eval.")]
+                            "steps.", rich_help_panel="local training")] = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="Model mode in local training: train | eval.", rich_help_panel="local training")]
     = None,
     hard_labels: Annotated[bool, typer.Option("--hard-labels", help="The client trained on plain one-hot "
-                           "labels.")] = False,
+                           "labels.", rich_help_panel="labels the client trained on")] = False,
     label_smoothing: Annotated[Optional[str], typer.Option("--label-smoothing", help="Label smoothing eps, or "
-                               "a range LO:HI drawn per sample.")] = None,
-    mixup: Annotated[Optional[float], typer.Option("--mixup", help="Mixup with coefficient ~ Beta(ALPHA, ALPHA).")]
+                               "a range LO:HI drawn per sample.", rich_help_panel="labels the client trained on")] = None,
+    mixup: Annotated[Optional[float], typer.Option("--mixup", help="Mixup with coefficient ~ Beta(ALPHA, ALPHA).", rich_help_panel="labels the client trained on")]
     = None,
-    mixup_coef: Annotated[Optional[float], typer.Option("--mixup-coef", help="Mixup with a fixed coefficient.")]
+    mixup_coef: Annotated[Optional[float], typer.Option("--mixup-coef", help="Mixup with a fixed coefficient.", rich_help_panel="labels the client trained on")]
     = None,
     normalize: Annotated[Optional[str], typer.Option("--normalize", help="none | half | cifar10 | cifar100 | "
-                         "imagenet | MEAN/STD (comma lists).")] = None,
+                         "imagenet | MEAN/STD (comma lists).", rich_help_panel="private data")] = None,
     no_defence: Annotated[bool, typer.Option("--no-defence", help="The client applied no DP noise and no "
-                          "pruning.")] = False,
-    dp_clip: Annotated[Optional[float], typer.Option("--dp-clip", help="DP-SGD clipping norm C.")] = None,
-    dp_noise: Annotated[Optional[float], typer.Option("--dp-noise", help="DP-SGD noise multiplier.")] = None,
-    prune: Annotated[Optional[float], typer.Option("--prune", help="Top-k pruning fraction.")] = None,
+                          "pruning.", rich_help_panel="defences")] = False,
+    dp_clip: Annotated[Optional[float], typer.Option("--dp-clip", help="DP-SGD clipping norm C.", rich_help_panel="defences")] = None,
+    dp_noise: Annotated[Optional[float], typer.Option("--dp-noise", help="DP-SGD noise multiplier.", rich_help_panel="defences")] = None,
+    prune: Annotated[Optional[float], typer.Option("--prune", help="Top-k pruning fraction.", rich_help_panel="defences")] = None,
     json_output: JsonOpt = False,
 ) -> None:
     """Turn weights saved by another federated-learning stack into an update file gitool attacks.
@@ -1130,6 +1181,8 @@ def import_command(
     local training (--after), the difference (--delta) or a gradient (--grad). Training
     facts the files cannot tell come from options or --facts; a fact nobody gave is
     recorded as unknown, and an attack that needs it says so instead of guessing.
+
+    Example: gitool import --model mynet:make --before before.pt --after after.pt --batch-size 4 --steps 2 --lr 0.01 --optimizer sgd --hard-labels -o client.update.safetensors
     """
     from gitool.files import save_update
     from gitool.interop import import_update, merge_facts, read_facts_file, spec_in_weights
@@ -1211,7 +1264,10 @@ def export_command(
     json_output: JsonOpt = False,
 ) -> None:
     """Write an update out for other tools: a torch bundle of plain tensors (loads with
-    weights_only=True) or Flower-style NumPy lists in state_dict order, with a JSON facts file."""
+    weights_only=True) or Flower-style NumPy lists in state_dict order, with a JSON facts file.
+
+    Example: gitool export run/c.update.safetensors -o out.npz
+    """
     from gitool.files import load_update
     from gitool.interop import export_update
 
