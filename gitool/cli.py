@@ -958,7 +958,7 @@ def labels(
         task = bar.add_task("recovering labels", total=len(paths))
         for path in paths:
             try:
-                update = load_update(path)
+                update = load_update(path, tensors="classifier")  # the method reads the rest if it needs it
                 name, entry = _label_method(method, update)
                 outcome = entry(update, options, LABEL_METHODS)
                 seconds = outcome.seconds
@@ -1039,7 +1039,7 @@ def features(
     trust_models(model)
     check_output(output)
     refuse_overlap([("the update", update), ("--labels", labels_file)], [("--output", output)])
-    loaded = load_update(update)
+    loaded = load_update(update, tensors="classifier")  # x needs the classifier's tensors alone
     labels_result = load_result(labels_file, ("labels",))
     labels_result.check_source(loaded)
     started = time.perf_counter()

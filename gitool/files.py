@@ -88,6 +88,8 @@ class Update:
     sha256: str | None = None
     # (weight, bias) parameter names of the classifier, found once: finding them builds the model.
     _classifier_names: tuple[str, str | None] | None = field(default=None, init=False, repr=False, compare=False)
+    # True when only the classifier's tensors were read (see read_all).
+    _partial: bool = field(default=False, init=False, repr=False, compare=False)
 
     @property
     def num_samples(self) -> int:
@@ -98,26 +100,42 @@ class Update:
         return self.kind == "gradient" and self.training.num_samples == 1
 
     def build_model(self, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu"):
-        """The global model, in ``dtype`` on ``device``, in the client's mode."""
-        from gitool.models import build_model
+        """The global model, in ``dtype`` on ``device``, in the client's mode. The module
+        is built once per model spec in a process (gitool.models.cached_model); each call
+        loads this update's weights into it and hands back a copy, so callers may change
+        their model freely and two updates' models never share weights."""
+        import copy
 
-        # Cast before loading: loading float64 weights into a float32 model would round them.
-        model = build_model(self.model).to(dtype=dtype)
+        from gitool.models import cached_model
+
+        self.read_all()
+        model = cached_model(self.model, dtype, "cpu")
         load_state(model, self.global_state, what=f"update {self.path or ''}".strip())
-        model = model.to(device=device)
+        model = copy.deepcopy(model).to(device=device)  # callers may change it; the cached one stays clean
         model.train(self.training.model_mode == "train")
         return model
+
+    def read_all(self) -> None:
+        """Read the tensors a partial load (``load_update(..., tensors="classifier")``) left on disk."""
+        if self._partial and self.path is not None:
+            full = load_update(self.path)
+            if full.sha256 != self.sha256:
+                raise GitoolError(f"{self.path} changed while it was being read")
+            self.global_state, self.values, self._partial = full.global_state, full.values, False
 
     def last_layer(self, model=None) -> LastLayer:
         """The classifier's weights and their gradient/update, in float64."""
         from gitool.models import last_linear
 
-        if model is not None or self._classifier_names is None:
-            model = model if model is not None else self.build_model()
+        if model is not None:
             layer = last_linear(model)
             names = {id(p): n for n, p in model.named_parameters()}
             self._classifier_names = (names[id(layer.weight)],
                                       names.get(id(layer.bias)) if layer.bias is not None else None)
+        elif self._classifier_names is None:
+            from gitool.models import classifier_names
+
+            self._classifier_names = classifier_names(self.model)
         weight_name, bias_name = self._classifier_names
 
         def f64(name):
@@ -519,11 +537,15 @@ def save_update(update: Update, path: str | Path) -> Path:
 FLOAT_OF_DTYPE = {"float32": "F32", "float64": "F64"}
 
 
-def load_update(path: str | Path) -> Update:
+def load_update(path: str | Path, tensors: str = "all") -> Update:
     """Read and validate an update: kind, version, metadata (every fact against its
     constraint), and the tensor names, shapes and dtypes against the model the metadata
-    describes, all before any tensor is read; then finiteness."""
-    from gitool.models import ModelSpec, check_trusted, expected_tensors
+    describes, all before any tensor is read; then finiteness of what was read.
+
+    ``tensors="classifier"`` reads only the classifier's weights and their gradient or
+    delta (what the soft-label and most count methods need); ``Update.read_all`` (which
+    ``build_model`` calls) reads the rest when a method needs it."""
+    from gitool.models import ModelSpec, check_trusted, classifier_names, expected_tensors
 
     parsed: dict[str, Any] = {}
 
@@ -581,14 +603,22 @@ def load_update(path: str | Path) -> Update:
         if problems:
             raise GitoolError(f"{raw.path}: the tensors do not fit the model {spec.name[:80]}: "
                               + "; ".join(problems[:6]))
+        if tensors == "classifier":
+            try:
+                names = [n for n in classifier_names(spec) if n is not None]
+            except GitoolError as exc:
+                raise GitoolError(f"{raw.path}: {exc}") from None
+            return [p + n for p in (GLOBAL_PREFIX, prefix) for n in names]
         return None
 
+    if tensors not in ("all", "classifier"):
+        raise ValueError(f"tensors must be 'all' or 'classifier', not {tensors!r}")
     raw = read_raw(path, ("update",), expect=expect)
     _require_finite(raw, raw.tensors)
     prefix = VALUE_PREFIX[parsed["kind"]]
     global_state = {n[len(GLOBAL_PREFIX):]: t for n, t in raw.tensors.items() if n.startswith(GLOBAL_PREFIX)}
     values = {n[len(prefix):]: t for n, t in raw.tensors.items() if n.startswith(prefix)}
-    return Update(
+    update = Update(
         model=parsed["spec"],
         input=parsed["input"],
         loss=parsed["loss"],
@@ -601,6 +631,8 @@ def load_update(path: str | Path) -> Update:
         path=raw.path,
         sha256=file_sha256(raw.path),
     )
+    update._partial = tensors == "classifier"
+    return update
 
 
 UPDATE_META_KEYS = {"update_kind", "model", "input", "loss", "training", "defence", "provenance"}

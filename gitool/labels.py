@@ -42,21 +42,22 @@ class LabelOutcome:
 
 LABEL_METHODS: dict[str, Method] = {m.name: m for m in (
     Method("bias", "labels", "exact soft label through the last-layer bias (Wang et al. 2024)", ("single",), N,
-           f"{SINGLE}:SingleLabelOptions", f"{SINGLE}:recover_with_bias"),
+           f"{SINGLE}:SingleLabelOptions", f"{SINGLE}:recover_with_bias", reads="classifier"),
     Method("lambda", "labels", "soft label by the lambda search with a label-structure prior, no bias needed "
-           "(Wang et al. 2024)", ("single",), N, f"{SINGLE}:SingleLabelOptions", f"{SINGLE}:recover_with_lambda"),
+           "(Wang et al. 2024)", ("single",), N, f"{SINGLE}:SingleLabelOptions", f"{SINGLE}:recover_with_lambda",
+           reads="classifier"),
     Method("idlg", "labels", "the one class whose weight-gradient row sum is negative (iDLG)", ANY, N,
-           f"{BATCH}:CountOptions", f"{BATCH}:idlg", delta_facts=True),
+           f"{BATCH}:CountOptions", f"{BATCH}:idlg", delta_facts=True, reads="classifier"),
     Method("yin", "labels", "the N classes with the most negative weight-gradient entry (GradInversion)", ANY, N,
-           f"{BATCH}:CountOptions", f"{BATCH}:yin", delta_facts=True),
+           f"{BATCH}:CountOptions", f"{BATCH}:yin", delta_facts=True, reads="classifier"),
     Method("llg", "labels", "impact from the gradient itself (LLG)", ANY, N, f"{BATCH}:CountOptions",
-           f"{BATCH}:llg", delta_facts=True),
+           f"{BATCH}:llg", delta_facts=True, reads="classifier"),
     Method("llg+", "labels", "impact and offsets from auxiliary data (LLG+)", ANY, N, f"{BATCH}:AuxCountOptions",
            f"{BATCH}:llg_plus", delta_facts=True, needs_aux=True),
     Method("zlg", "labels", "expected softmax and feature sum from auxiliary data (ZLG)", ANY, N,
            f"{BATCH}:AuxCountOptions", f"{BATCH}:zlg", delta_facts=True, needs_aux=True),
     Method("ilrg", "labels", "class-average embeddings and a pseudo-inverse, needs the bias (iLRG)", ANY, N,
-           f"{BATCH}:CountOptions", f"{BATCH}:ilrg", delta_facts=True),
+           f"{BATCH}:CountOptions", f"{BATCH}:ilrg", delta_facts=True, reads="classifier"),
     Method("rlu", "labels", "counts from the local update, multi-step drift simulated (RLU, Chen & Vikalo 2024)",
            ANY, N, f"{BATCH}:RLUOptions", f"{BATCH}:rlu", delta_facts=True, needs_aux=True),
 )}

@@ -14,7 +14,10 @@ An entry (:class:`Method`) declares, as plain data that imports nothing heavy:
   constraint once (``gitool.specs.fact``), so that ``--aux-per-class 0`` is refused by
   the same rule wherever it comes from;
 - ``run``: the adapter (``"module:function"``) that turns the update into the math of
-  ``gitool.attacks`` and returns an outcome.
+  ``gitool.attacks`` and returns an outcome;
+- ``reads``: ``classifier`` when the adapter needs only the classifier's tensors, so a
+  command loads just those (``load_update(path, tensors="classifier")``); otherwise the
+  rest is read before the adapter runs.
 
 Calling an entry checks the update, parses the options, runs the adapter and times it
 (one timing key, ``outcome.seconds``). Adding a method: one function in
@@ -68,6 +71,7 @@ class Method:
     run: str  # "module:function"
     delta_facts: bool = False
     needs_aux: bool = False
+    reads: str = "all"  # "classifier": the adapter reads the classifier's tensors only
 
     # --------------------------------------------------------------- checks
     def alternatives(self, registry: dict[str, Method], update) -> list[str]:
@@ -128,6 +132,8 @@ class Method:
             others = [name for name in self.alternatives(registry or {}, update) if name != self.name]
             raise UsageError(f"--method {self.name} is not available in this build of gitool; other methods for "
                              f"{describe_shape(update)}: {', '.join(others) or 'none'}") from None
+        if self.reads != "classifier" and hasattr(update, "read_all"):
+            update.read_all()
         started = time.perf_counter()
         outcome = function(update, options, **extra)
         outcome.seconds = time.perf_counter() - started

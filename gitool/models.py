@@ -504,10 +504,46 @@ def expected_tensors(spec: ModelSpec) -> tuple[dict[str, TensorShape], dict[str,
         state = {n: TensorShape(tuple(t.shape), t.is_floating_point()) for n, t in model.state_dict().items()}
         params = {n: TensorShape(tuple(p.shape), True) for n, p in model.named_parameters()}
         _EXPECTED[key] = (state, params)
+        names = {id(p): n for n, p in model.named_parameters()}
+        try:
+            layer = last_linear(model)
+            _CLASSIFIER[key] = (names[id(layer.weight)], names.get(id(layer.bias)) if layer.bias is not None else None)
+        except GitoolError:
+            pass  # no classifier: the label methods will say so when they ask
     return _EXPECTED[key]
 
 
+def classifier_names(spec: ModelSpec) -> tuple[str, str | None]:
+    """The parameter names (weight, bias or None) of the model's classifier, found once
+    per spec on the meta device."""
+    expected_tensors(spec)
+    key = json.dumps(spec.to_dict(), sort_keys=True)
+    if key not in _CLASSIFIER:
+        last_linear(nn.Module())  # raises the one-line "no nn.Linear" error
+    return _CLASSIFIER[key]
+
+
 _EXPECTED: dict[str, tuple[dict[str, TensorShape], dict[str, TensorShape]]] = {}
+_CLASSIFIER: dict[str, tuple[str, str | None]] = {}
+
+
+def cached_model(spec: ModelSpec, dtype: torch.dtype, device: str | torch.device) -> nn.Module:
+    """One built model per (spec, dtype, device) in a process: a command over many
+    updates of one model builds it once and loads each update's weights into it.
+    The caller loads the state; gradients, modes and requires_grad are reset here."""
+    key = (json.dumps(spec.to_dict(), sort_keys=True), str(dtype), str(device))
+    model = _MODELS.get(key)
+    if model is None:
+        model = build_model(spec).to(dtype=dtype)  # cast before loading: float64 weights must not round
+        _MODELS.clear()  # keep one: a folder of updates shares one model, and memory stays bounded
+        _MODELS[key] = model
+    for parameter in model.parameters():
+        parameter.grad = None
+        parameter.requires_grad_(True)
+    return model
+
+
+_MODELS: dict[tuple, nn.Module] = {}
 
 
 def _check_spec(spec: ModelSpec) -> None:
