@@ -14,7 +14,7 @@ import torch
 from gitool.capture import CaptureConfig
 from gitool.errors import GitoolError
 from gitool.files import DefenceSpec, InputSpec, TrainingSpec, new_result, save_result
-from gitool.models import ModelSpec
+from gitool.models import ModelSpec, trust_factory
 from gitool.reconstruct import reconstruct
 
 
@@ -95,6 +95,7 @@ def user_conv_module(tmp_path, monkeypatch):
     """))
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
+    trust_factory("analytic_user_nets:net")  # the test names it, as --model would
     yield "analytic_user_nets:net"
     sys.modules.pop("analytic_user_nets", None)
 
