@@ -640,6 +640,7 @@ def score(
     for path, truth_path in zip(paths, truth_paths):
         result = load_result(path)
         truth_obj = load_truth(truth_path)
+        _check_truth_fits_its_update(truth_obj)
         row = {"file": str(path), "kind": result.kind, "method": result.method, "truth": str(truth_path),
                **metrics.score(result, truth_obj)}
         mismatch = result.other_update_than(truth_obj)
@@ -688,6 +689,14 @@ def score(
             table.add_row(f"mean of {agg['files']}", "", *(_fmt(agg.get(c)) for c in columns), style="bold")
         out.print(table)
     _refuse_mismatch(mismatched, allow_mismatch)
+
+
+def _check_truth_fits_its_update(truth) -> None:
+    from gitool.files import check_fits_update, pointed_update
+
+    update = pointed_update(truth.meta.get("update"), truth.path)
+    if update is not None:
+        check_fits_update("truth", {n: getattr(truth, n) for n in truth.TENSORS}, update, truth.path)
 
 
 def _refuse_mismatch(mismatched: list[dict], allowed: bool) -> None:

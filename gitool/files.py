@@ -989,3 +989,41 @@ def expand_inputs(items: Iterable[str | Path], kind: str) -> list[Path]:
         else:
             paths.append(item)
     return paths
+
+
+# --------------------------------------------------------------------------- pairs of files
+
+
+def pointed_update(pointer: Any, beside: Path | None) -> Update | None:
+    """The update a result's ``source`` or a truth's ``update`` pointer names, when it can
+    be found (as recorded, or by name beside the pointing file) and its sha256 matches;
+    only its classifier is read. None otherwise: the pointer is information, not a must."""
+    if not isinstance(pointer, dict) or not isinstance(pointer.get("path"), str):
+        return None
+    recorded = Path(pointer["path"])
+    for candidate in (recorded, (beside.parent / recorded.name) if beside is not None else None):
+        if candidate is None or not candidate.is_file():
+            continue
+        if pointer.get("sha256") and file_sha256(candidate) != pointer["sha256"]:
+            continue
+        return load_update(candidate, tensors="classifier")
+    return None
+
+
+def check_fits_update(kind: str, tensors: dict[str, torch.Tensor], update: Update, where: Path | None) -> None:
+    """A result's or truth's tensors against the update they belong to: N samples, K
+    classes, the classifier's feature size d, the input shape."""
+    layer = update.last_layer()
+    k, d = layer.weight.shape
+    n = update.num_samples
+    shapes = {"labels": (None, k), "counts": (k,), "features": (None, d), "images": (None, *update.input.shape),
+              "inputs": (None, *update.input.shape)}
+    for name, want in shapes.items():
+        tensor = tensors.get(name)
+        if tensor is None:
+            continue
+        got = tuple(tensor.shape)
+        rows_ok = len(want) == 1 or got[:1] == (n,)  # one row per sample of the round
+        if len(got) != len(want) or any(w is not None and g != w for g, w in zip(got, want)) or not rows_ok:
+            raise GitoolError(f"{where}: '{name}' of shape {got} does not fit its update {update.path} "
+                              f"({n} samples, K = {k}, d = {d}, input {tuple(update.input.shape)})")

@@ -59,7 +59,8 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
         raw = files._header(handle, None)
         rows = [tensor_stats(handle, name) for name in sorted(handle.entries)]
     try:
-        getattr(files, VALIDATORS[raw.kind])(path)
+        loaded = getattr(files, VALIDATORS[raw.kind])(path)
+        _check_against_its_update(files, raw.kind, loaded)
         problem = None
     except GitoolError as exc:
         problem = str(exc)
@@ -68,6 +69,18 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
         meta = _mark_unknown(meta)
     return {"path": str(raw.path), "kind": raw.kind, "version": raw.version, "producer": raw.producer,
             "metadata": meta, "tensors": rows, "problem": problem}
+
+
+def _check_against_its_update(files, kind: str, loaded) -> None:
+    """A result or a truth whose update can be found must fit it."""
+    if kind in files.RESULT_KINDS:
+        update = files.pointed_update(loaded.source, loaded.path)
+        if update is not None:
+            files.check_fits_update(kind, loaded.tensors, update, loaded.path)
+    elif kind == "truth":
+        update = files.pointed_update(loaded.meta.get("update"), loaded.path)
+        if update is not None:
+            files.check_fits_update(kind, {n: getattr(loaded, n) for n in loaded.TENSORS}, update, loaded.path)
 
 
 def _mark_unknown(meta: dict[str, Any]) -> dict[str, Any]:
