@@ -596,6 +596,9 @@ def score(
     lpips_weights: Annotated[Optional[Path], typer.Option("--lpips-weights", help="Local AlexNet LPIPS weights "
                              "(torchvision features.* + lpips lin*.weight, .safetensors or torch state dict); "
                              "without them LPIPS is skipped.")] = None,
+    allow_mismatch: Annotated[bool, typer.Option("--allow-mismatch", help="Score a result against the truth of "
+                              "another update without failing (a re-imported export, say); the mismatch is still "
+                              "reported.")] = False,
     json_output: JsonOpt = False,
 ) -> None:
     """Compare recovered labels, counts, features or images with the truth (methods.md section 4 conventions).
@@ -662,8 +665,10 @@ def score(
     kinds = sorted({r["kind"] for r in rows})
     summary = {kind: metrics.aggregate([r for r in rows if r["kind"] == kind], kind) for kind in kinds}
     notes = [LPIPS_SKIPPED] if "reconstruction" in kinds and lpips_net is None else []
+    mismatched = [row for row in rows if "warning" in row]
     if json_output:
         emit_json({"files": rows, "summary": summary, "notes": notes})
+        _refuse_mismatch(mismatched, allow_mismatch)
         return
     for note in notes:
         err.print(f"note: {note}", highlight=False)
@@ -682,6 +687,16 @@ def score(
             agg = summary[kind]
             table.add_row(f"mean of {agg['files']}", "", *(_fmt(agg.get(c)) for c in columns), style="bold")
         out.print(table)
+    _refuse_mismatch(mismatched, allow_mismatch)
+
+
+def _refuse_mismatch(mismatched: list[dict], allowed: bool) -> None:
+    """Scores of a result against another update's truth are garbage that looks fine:
+    they are printed, and the command fails unless the user said it is intended."""
+    if mismatched and not allowed:
+        raise GitoolError(f"{len(mismatched)} result(s) were scored against the truth of another update (first: "
+                          f"{mismatched[0]['file']}); their numbers mean nothing. Pass --allow-mismatch if the "
+                          "pairing is intended (a re-imported export)")
 
 
 LPIPS_SKIPPED = ("LPIPS skipped: it needs pretrained network weights, none are bundled and nothing can be "

@@ -89,9 +89,12 @@ def test_score_warns_when_result_and_truth_come_from_different_updates(run_cli, 
                         update=load_update(tmp_path / "a.update.safetensors"))
     save_result(result, tmp_path / "a.labels.safetensors")
     r = run_cli("score", tmp_path / "a.labels.safetensors", "--truth", tmp_path / "b.truth.safetensors", "--json")
-    assert r.exit_code == 0  # a warning, not a refusal: scoring a re-imported export must still work
+    assert r.exit_code == 1 and "another update" in r.stderr  # scores that look perfect but mean nothing fail
     row = r.json()["files"][0]
     assert "a.update.safetensors" in row["warning"] and "b.update.safetensors" in row["warning"]
+    r = run_cli("score", tmp_path / "a.labels.safetensors", "--truth", tmp_path / "b.truth.safetensors",
+                "--allow-mismatch")
+    assert r.exit_code == 0  # a re-imported export must still be scorable, with the warning
     assert r.stderr.count("warning:") == 1
 
 
