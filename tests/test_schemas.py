@@ -76,7 +76,7 @@ def gitool(*args: str) -> None:
             main()
     except SystemExit as exc:
         if exc.code not in (0, None):
-            raise AssertionError(f"gitool {' '.join(args)} exited {exc.code}: {err.getvalue()[-2000:]}") from None
+            raise AssertionError(f"gitool {' '.join(map(str, args))} exited {exc.code}: {err.getvalue()[-2000:]}") from None
     finally:
         sys.argv = saved
 
@@ -207,6 +207,10 @@ def _set(path: str, value):
     return change
 
 
+def _show(value) -> str:
+    return "absent" if value is MISSING else repr(value)
+
+
 def _loader(kind: str):
     from gitool.files import load_checkpoint, load_result, load_truth, load_update
 
@@ -265,18 +269,51 @@ ACCEPTED = [
 ]
 
 
-@pytest.mark.parametrize("name,kind,key,value", REFUSED, ids=[f"{k}:{key}={v!r}" for _, k, key, v in REFUSED])
+@pytest.mark.parametrize("name,kind,key,value", REFUSED, ids=[f"{k}:{key}={_show(v)}" for _, k, key, v in REFUSED])
 def test_schema_and_gitool_refuse_the_same_metadata(made, tmp_path, name, kind, key, value):
     problems, refused = _verdicts(made, tmp_path, name, kind, _set(key, value))
     assert refused is not None, "gitool reads it"
     assert problems, f"the schema accepts what gitool refuses: {refused}"
 
 
-@pytest.mark.parametrize("name,kind,key,value", ACCEPTED, ids=[f"{k}:{key}={v!r}" for _, k, key, v in ACCEPTED])
+@pytest.mark.parametrize("name,kind,key,value", ACCEPTED, ids=[f"{k}:{key}={_show(v)}" for _, k, key, v in ACCEPTED])
 def test_schema_and_gitool_accept_the_same_metadata(made, tmp_path, name, kind, key, value):
     problems, refused = _verdicts(made, tmp_path, name, kind, _set(key, value))
     assert refused is None
     assert problems == []
+
+
+FACTS_CHANGES = [
+    ("training.batch_size", 0, False),
+    ("training.optimizer", "adam", False),
+    ("training.epochs", 1, False),  # a field no section has
+    ("budget", {}, False),  # a section gitool does not know
+    ("training.momentum", 0.5, False),  # without the momentum optimizer
+    ("loss.family", MISSING, False),  # a loss section names its family
+    ("input.std", MISSING, False),  # mean and std come together
+    ("defence.dp_noise", 1.0, False),
+    ("update_kind", "weights", False),
+    ("training.weight_decay", MISSING, True),  # left out: unknown
+    ("defence", {}, True),  # no defence
+    ("format", 3, True),  # informational, ignored
+    ("exported_from", MISSING, True),
+]
+
+
+@pytest.mark.parametrize("key,value,accepted", FACTS_CHANGES, ids=[f"{k}={_show(v)}" for k, v, _ in FACTS_CHANGES])
+def test_schema_and_gitool_import_agree_on_facts_files(made, tmp_path, key, value, accepted):
+    document = json.loads((made / "out.facts.json").read_text())
+    _set(key, value)(document)
+    facts = tmp_path / "facts.json"
+    facts.write_text(json.dumps(document))
+    try:
+        gitool("import", "--before", made / "out.pt", "--grad", made / "out.pt", "--facts", facts,
+               "-o", tmp_path / "x.update.safetensors")
+        imported = True
+    except AssertionError:
+        imported = False
+    assert imported == accepted
+    assert (errors("facts.schema.json", document) == []) == accepted
 
 
 # --------------------------------------------------------------------------- the specs' constraints
