@@ -98,8 +98,11 @@ def test_readme_has_the_blocks_this_file_runs():
     blocks = readme_blocks()
     bash = [b for b in blocks if b["lang"] == "bash"]
     assert len(bash) >= 4 and sum(map(_is_install, bash)) == 1
+    # a shell block tagged otherwise (sh, console, none) would escape this file
+    assert {b["lang"] for b in blocks} <= {"bash", "python", "toml", "json"}
     named = [FILE_LINE.match(b["body"].splitlines()[0]) for b in blocks if b["lang"] == "python"]
-    assert {m["name"] for m in named if m} >= {"mynet.py", "client_step.py"}
+    assert all(named), "each python block starts with the name of its file (# mynet.py)"
+    assert {m["name"] for m in named} >= {"mynet.py", "client_step.py"}
 
 
 @pytest.mark.parametrize("block,files", bash_params())
