@@ -640,6 +640,7 @@ def score(
     for path, truth_path in zip(paths, truth_paths):
         result = load_result(path)
         truth_obj = load_truth(truth_path)
+        _check_truth_fits_its_update(truth_obj)
         row = {"file": str(path), "kind": result.kind, "method": result.method, "truth": str(truth_path),
                **metrics.score(result, truth_obj)}
         mismatch = result.other_update_than(truth_obj)
@@ -688,6 +689,14 @@ def score(
             table.add_row(f"mean of {agg['files']}", "", *(_fmt(agg.get(c)) for c in columns), style="bold")
         out.print(table)
     _refuse_mismatch(mismatched, allow_mismatch)
+
+
+def _check_truth_fits_its_update(truth) -> None:
+    from gitool.files import check_fits_update, pointed_update
+
+    update = pointed_update(truth.meta.get("update"), truth.path)
+    if update is not None:
+        check_fits_update("truth", {n: getattr(truth, n) for n in truth.TENSORS}, update, truth.path)
 
 
 def _refuse_mismatch(mismatched: list[dict], allowed: bool) -> None:
@@ -944,8 +953,8 @@ def labels(
     options = {"family": family, "search": search, "seed": seed, "device": device, "aux": aux,
                "aux_per_class": aux_per_class}
     for entry in ([LABEL_METHODS[method]] if method != "auto" else LABEL_METHODS.values()):
-        if method != "auto" or not entry.needs_aux:
-            entry.parse_options(options)  # impossible values fail before any file is read
+        # impossible values fail before any file is read, whichever method auto will pick
+        entry.parse_options(options, require_aux=method != "auto")
     paths = expand_inputs(updates, "update")
     if output is not None and out_dir is not None:
         raise UsageError("give -o/--output FILE for one update or --out-dir DIR for many, not both")
@@ -1288,6 +1297,7 @@ def export_command(
 
     trust_models(model)
     check_output(output)
+    refuse_overlap([("the update", update_file)], [("--output", output)])  # also when -o only names a stem
     written = export_update(load_update(update_file), output, fmt,
                             check=lambda paths: refuse_overlap([("the update", update_file)],
                                                                [(f"the {part} file", p) for part, p in paths.items()]))
