@@ -126,3 +126,20 @@ def test_iterative_gradient_only_answer_is_checked_against_the_forward_rows():
     assert diag["attempts"][0]["constraints"] == "gradient"
     assert diag["constraints"] == "both"
     assert (recovered - images).abs().max() < 1e-8
+
+
+def test_mixed_precision_normal_solve_matches_float64_and_declines_ill_conditioned_systems():
+    from gitool.attacks.analytic_conv import _solve_mixed
+
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(1500, 1100, dtype=F64, generator=generator)
+    truth = torch.randn(1100, 1, dtype=F64, generator=generator)
+    normal, rhs = rows.T @ rows, rows.T @ (rows @ truth)
+    solution, condition = _solve_mixed(normal, rhs, lambda u: rhs - normal @ u)
+    assert 5 < condition < 20  # cond(A) of a 1500 x 1100 Gaussian matrix: about 10
+    assert float((solution - truth).abs().max()) < 1e-13
+    # cond(A) = 1e6: float32 cannot carry the factor; the float64 path must be used instead.
+    u, _, v = torch.linalg.svd(rows, full_matrices=False)
+    scaled = u @ torch.diag(torch.logspace(0, -6, 1100, dtype=F64)) @ v
+    normal = scaled.T @ scaled
+    assert _solve_mixed(normal, normal @ truth, lambda x: normal @ truth - normal @ x) is None
