@@ -319,8 +319,10 @@ def solve_conv_dense(layer: ConvLayerData, deltas: torch.Tensor, targets: torch.
     for channel in range(channels):
         normal[:, channel, :, :, channel, :] = blocks
     normal = normal.reshape(size, size)
+    from scipy import sparse
+
     forward = forward_matrix(layer.weight, index, pixels)
-    known_rows = known.reshape(batch, -1)
+    known_rows = known.reshape(batch, -1)  # 0 where the output gives no row, else the row's weight
     target_rows = targets.reshape(batch, -1)
     # Balance the two blocks so neither dominates the least-squares weighting.
     forward_weight = math.sqrt(float(gram.diagonal().sum()) * channels /
@@ -329,6 +331,9 @@ def solve_conv_dense(layer: ConvLayerData, deltas: torch.Tensor, targets: torch.
     for sample in range(batch):
         active = known_rows[sample].nonzero().flatten()
         rows = forward[active.cpu().numpy()] * forward_weight
+        row_weights = known_rows[sample, active].to(torch.float64).cpu().numpy()
+        if (row_weights != 1).any():  # sigmoid / tanh rows weighted by sigma' (invert_conv_layer)
+            rows = sparse.diags(row_weights) @ rows
         selectors.append((rows, active))
         span = slice(sample * channels * pixels, (sample + 1) * channels * pixels)
         normal[span, span] += torch.from_numpy((rows.T @ rows).toarray()).to(normal.device)
@@ -344,7 +349,7 @@ def solve_conv_dense(layer: ConvLayerData, deltas: torch.Tensor, targets: torch.
         parts = []
         for sample, (rows, active) in enumerate(selectors):
             span = solution[sample * channels * pixels:(sample + 1) * channels * pixels]
-            target = target_rows[sample, active].unsqueeze(1) * forward_weight
+            target = (target_rows[sample, active] * known_rows[sample, active]).unsqueeze(1) * forward_weight
             mismatch = target.cpu().numpy() - rows @ span.cpu().numpy()
             parts.append(torch.from_numpy(rows.T @ mismatch).to(solution.device))
         return grad_part + torch.cat(parts)
@@ -429,6 +434,12 @@ def invert_conv_layer(layer: ConvLayerData, deltas: torch.Tensor, output: torch.
     forward_available = bool(known.any())
     counts = structural_counts(layer, batch, int(known.sum()))
     targets = pre_activation - (layer.bias.view(1, -1, 1, 1) if layer.bias is not None else 0.0)
+    weights = known.to(output.dtype)
+    if layer.activation in ("sigmoid", "tanh"):
+        # Forward rows in the output's units: an error d in A is d / sigma' in Z, so a saturated
+        # output's row (sigma' -> 0) would carry the round-off of A amplified without bound.
+        slope = activation_derivative(layer.activation, output).clamp(min=0)
+        weights = weights * slope / max(float(slope.max()), 1e-300)
     channels, height, width = layer.input_shape
     diag = {"layer": name, "kind": "conv", **counts}
 
@@ -468,20 +479,20 @@ def invert_conv_layer(layer: ConvLayerData, deltas: torch.Tensor, output: torch.
         diag["solver"] = solver
         if solver == "dense":
             images, info = solve_conv_dense(layer, deltas, targets if use_forward else None,
-                                            known if use_forward else None, options.condition_limit)
+                                            weights if use_forward else None, options.condition_limit)
             if images is None:
                 diag.setdefault("attempts", []).append({"constraints": mode, **info})
                 continue
         else:
             images, info = solve_conv_iterative(layer, deltas, targets if use_forward else None,
-                                                known if use_forward else None, options.tol, options.max_iter)
+                                                weights if use_forward else None, options.tol, options.max_iter)
             if not info["converged"] and mode != modes[-1]:
                 diag.setdefault("attempts", []).append({"constraints": mode, **info})
                 continue
         gradient_residual = _relative(conv2d_weight(images, tuple(layer.weight.shape), deltas, layer.stride,
                                                     layer.padding), layer.weight_grad)
         produced = F.conv2d(images, layer.weight, None, layer.stride, layer.padding)
-        forward_residual = _relative(produced * known, targets * known) if forward_available else None
+        forward_residual = _relative(produced * weights, targets * weights) if forward_available else None
         if (solver == "iterative" and mode == "gradient" and mode != modes[-1] and forward_residual is not None
                 and forward_residual > FORWARD_CHECK_TOL):
             # CGLS gives no rank: a gradient-only answer that breaks the independent forward
@@ -561,6 +572,14 @@ def _invert_stage(stage: Stage, output: torch.Tensor, upstream: torch.Tensor, op
     if diag.get("solver") == "iterative":
         # CGLS stops at --tol on the normal equations, not at round-off.
         limit = max(limit, RESIDUAL_FACTOR * options.tol)
+    if layer.activation in ("sigmoid", "tanh"):
+        # delta = U sigma'(A): a relative error e of A moves it by e A U sigma''(A), so the
+        # residual round-off explains grows by ||A sigma''(A) U|| / ||sigma'(A) U||, large
+        # where outputs saturate (sigma' in terms of A: tanh 1 - A^2, sigmoid A (1 - A)).
+        second = -2 * output if layer.activation == "tanh" else 1 - 2 * output
+        amplification = float((output * second * upstream).norm()) / max(float((pattern * upstream).norm()), 1e-300)
+        diag["activation_amplification"] = amplification
+        limit *= max(1.0, amplification)
     if piecewise and diag["gradient_residual"] > limit:
         started = time.perf_counter()
         first = diag["gradient_residual"]
