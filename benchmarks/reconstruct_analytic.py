@@ -123,7 +123,8 @@ def main() -> None:
             for dtype in args.dtypes.split(","):
                 completed = subprocess.run([sys.executable, __file__, "--row", f"{case_index}:{data}:{dtype}",
                                             "--threads", str(args.threads), "--label-smoothing",
-                                            str(args.label_smoothing), "--repeat", str(args.repeat)], capture_output=True, text=True, cwd=ROOT)
+                                            str(args.label_smoothing), "--repeat", str(args.repeat)],
+                                           capture_output=True, text=True, cwd=ROOT)
                 if completed.returncode != 0:
                     message = (completed.stderr.strip().splitlines() or ["failed"])[-1]
                     print(f"| {case[0]} | {'x'.join(map(str, case[2]))} | {data} | {dtype} | failed: {message} "
