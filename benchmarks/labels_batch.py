@@ -52,7 +52,10 @@ from gitool.labels_batch import output_layer, rlu_observation  # noqa: E402
 from gitool.metrics import score_counts  # noqa: E402
 from gitool.models import ModelSpec, build_model, init_parameters  # noqa: E402
 
-METHODS = ("idlg", "yin", "llg", "llg+", "zlg", "ilrg", "rlu")
+from gitool.labels import LABEL_METHODS  # noqa: E402
+
+# Every registered count method (the registry says which accept batches), in registry order.
+METHODS = tuple(name for name, method in LABEL_METHODS.items() if "batch" in method.accepts)
 # Synthetic images are drawn per seed: the clients' with 0, the global model's training
 # set with TRAIN_SEED and the server's auxiliary set with AUX_SEED, so the three differ.
 AUX_SEED = 7

@@ -65,7 +65,7 @@ def run_row(case_index: int, data: str, threads: int, dtype: str = "float64", sm
     name, model, shape, activation, last_bias, options, method, solve = CASES[case_index]
     spec = ModelSpec(model, num_classes=10, input_shape=shape, activation=activation, last_bias=last_bias,
                      options=options)
-    loss = LossSpec(label_smoothing=smoothing) if smoothing else LossSpec()
+    loss = LossSpec(family="smoothing", label_smoothing=smoothing) if smoothing else LossSpec()
     config = CaptureConfig(input=InputSpec(shape=shape), training=TrainingSpec(dtype=dtype), loss=loss, seed=1)
     update, truth = capture(open_source(data, shape, num_classes=10), spec, config)
     labels = new_result("labels", {"labels": truth.labels}, method="oracle", update=update)

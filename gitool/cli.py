@@ -10,6 +10,7 @@ Conventions every command shares, so that users' scripts stay stable:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -20,15 +21,45 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from gitool import __version__
 from gitool.errors import GitoolError, UsageError
+from gitool.paths import identity, refuse_overlap
+
+# Commands in the order of an attack chain, then the tools around it.
+CHAIN_ORDER = ("capture", "labels", "features", "reconstruct", "score", "inspect", "import", "export", "train",
+               "models", "demo")
+
+
+class ChainOrderGroup(typer.core.TyperGroup):
+    def list_commands(self, ctx) -> list[str]:
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: CHAIN_ORDER.index(n) if n in CHAIN_ORDER else len(CHAIN_ORDER))
+
+
+def _metavar(self, ctx) -> str | None:
+    """What help shows after an option: nothing for a flag, a word for a value (no <bool>)."""
+    if getattr(self, "is_flag", False) or getattr(self, "is_bool_flag", False):
+        return None
+    if self.metavar is not None:
+        return self.metavar
+    shown = (self.display_type(ctx) or "").strip("<>")
+    word = {"path": "PATH", "int": "N", "float": "X", "str": "TEXT", "list[Path]": "PATH...",
+            "list[str]": "TEXT", "list[path]": "PATH..."}.get(shown, shown.upper() or None)
+    return word
+
+
+if hasattr(typer.core, "TyperOption") and hasattr(typer.core.TyperOption, "display_type_rich"):
+    typer.core.TyperOption.display_type_rich = _metavar
+    typer.core.TyperArgument.display_type_rich = _metavar
 
 app = typer.Typer(
     name="gitool",
+    cls=ChainOrderGroup,
     help="Measure how much a federated-learning client's gradient or model update leaks about its "
     "private training data. Chain the steps: capture -> labels -> features -> reconstruct -> score; "
     "inspect any file.",
@@ -43,14 +74,23 @@ err = Console(stderr=True)  # messages and progress on stderr
 
 def main() -> None:
     """Console entry point: one clear line and an exit code instead of a traceback."""
+    from gitool.atomic import Terminated, install_signal_handlers
+
+    install_signal_handlers()
     try:
         app()
     except GitoolError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        err.print("[bold red]error:[/] interrupted")
+        err.print("[bold red]error:[/] interrupted; files finished before stayed as they were")
         sys.exit(130)
+    except Terminated:
+        err.print("[bold red]error:[/] terminated; files finished before stayed as they were")
+        sys.exit(143)
+    except RecursionError:
+        err.print("[bold red]error:[/] input nested too deeply to process", highlight=False)
+        sys.exit(1)
     except Exception as exc:
         if is_out_of_memory(exc):  # a size the user asked for, not a bug
             wanted = re.search(r"allocate (\d+) bytes", str(exc))
@@ -167,18 +207,33 @@ def parse_normalization(text: str, channels: int) -> tuple[tuple[float, ...], tu
 
 # Model options shared by capture, train and import.
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model: a registry name (see `gitool models`) "
-                     "or a user factory `package.module:callable` (importing it runs that module's code).")]
-NumClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", "-K", help="Number of classes K.")]
-ImageSizeOpt = Annotated[Optional[str], typer.Option("--image-size", help="Input size: S (3xSxS) or CxHxW.")]
+                     "or a user factory `package.module:callable` (importing it runs that module's code).", rich_help_panel="model")]
+NumClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", "-K", help="Number of classes K.", rich_help_panel="model")]
+ImageSizeOpt = Annotated[Optional[str], typer.Option("--image-size", help="Input size: S (3xSxS) or CxHxW.", rich_help_panel="model")]
 ActivationOpt = Annotated[Optional[str], typer.Option("--activation",
-                          help="relu | leakyrelu | sigmoid | tanh (default: the model's own).")]
-NoBiasOpt = Annotated[bool, typer.Option("--no-bias", help="No bias on the last (classifier) layer.")]
+                          help="relu | leakyrelu | sigmoid | tanh (default: the model's own).", rich_help_panel="model")]
+NoBiasOpt = Annotated[bool, typer.Option("--no-bias", help="No bias on the last (classifier) layer.", rich_help_panel="model")]
 InitOpt = Annotated[str, typer.Option("--init", help="uniform (all parameters U(-0.5, 0.5), the papers' untrained "
-                    "setting) | default (PyTorch's) | a checkpoint file (.safetensors, or .pt loaded weights-only).")]
+                    "setting) | default (PyTorch's) | a checkpoint file (.safetensors, or .pt loaded weights-only).", rich_help_panel="model")]
 ModelOptOpt = Annotated[Optional[list[str]], typer.Option("--model-opt", help="Model-specific KEY=VALUE, repeatable "
-                        "(e.g. channels=77,22,3,3 for rconv-lenet, widths=4096,1024,256 for fcn4).")]
+                        "(e.g. channels=77,22,3,3 for rconv-lenet, widths=4096,1024,256 for fcn4).", rich_help_panel="model")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout, nothing else.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, cuda:1 ...")]
+LABEL_METHOD_HELP = __import__("gitool.labels", fromlist=["METHOD_HELP"]).METHOD_HELP
+RECON_METHOD_HELP = __import__("gitool.reconstruct", fromlist=["METHOD_HELP"]).METHOD_HELP
+TrustOpt = Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Trust the user model factory "
+                     "package.module:factory that the update names (importing it runs that module's code); "
+                     "gitool never imports code because a file names it. Zoo models need nothing.")]
+
+
+def trust_models(names: list[str] | None) -> None:
+    """The user factories named on this command line may be imported (the trust boundary)."""
+    from gitool.models import is_user_model, trust_factory
+
+    for name in names or []:
+        if not is_user_model(name):
+            continue
+        trust_factory(name)
 
 
 def resolve_model(model: str | None, num_classes: int | None, image_size: str | None, activation: str | None,
@@ -191,6 +246,8 @@ def resolve_model(model: str | None, num_classes: int | None, image_size: str | 
     from gitool.files import load_checkpoint
     from gitool.models import ModelSpec, parse_image_shape, parse_model_options
 
+    if model is not None:
+        trust_models([model])
     checkpoint = None
     if init not in ("uniform", "default"):
         if not Path(init).exists():
@@ -206,12 +263,32 @@ def resolve_model(model: str | None, num_classes: int | None, image_size: str | 
             activation=activation or base.activation,
             last_bias=base.last_bias and not no_bias,
             options={**base.options, **options},
+            from_file=base.from_file and model is None,
         )
     else:
         shape = parse_image_shape(image_size) if image_size else (3, 32, 32)
         spec = ModelSpec(name=model or "lenet", num_classes=10 if num_classes is None else num_classes,
                          input_shape=shape, activation=activation, last_bias=not no_bias, options=options)
     return spec, (checkpoint.state if checkpoint is not None else None), (checkpoint.meta if checkpoint else {})
+
+
+@contextlib.contextmanager
+def option_errors():
+    """Turn a spec's refusal (gitool.specs.SpecError) into a usage error naming the option."""
+    from gitool.specs import SpecError, as_option_error
+
+    try:
+        yield
+    except SpecError as exc:
+        raise as_option_error(exc, UsageError) from None
+
+
+def check_seed(seed: int, count: int = 1) -> None:
+    """Seeds S .. S + count - 1 must fit the generators (numpy's and torch's take 0 .. 2**63 - 1 here)."""
+    from gitool.specs import MAX_SEED
+
+    if not 0 <= seed <= MAX_SEED - (count - 1):
+        raise UsageError(f"--seed must be in [0, 2**63 - 1]{' less --repeat' if count > 1 else ''}, got {seed}")
 
 
 def check_device(device: str) -> None:
@@ -249,40 +326,40 @@ def capture(
     init: InitOpt = "uniform",
     model_opt: ModelOptOpt = None,
     data: Annotated[str, typer.Option("--data", "-d", help="Data source: synthetic, digits, samples, folder:PATH, "
-                    "cifar10:PATH, cifar100:PATH.")] = "synthetic",
+                    "cifar10:PATH, cifar100:PATH.", rich_help_panel="private data")] = "synthetic",
     normalize: Annotated[Optional[str], typer.Option("--normalize", help="none | half | cifar10 | cifar100 | "
-                         "imagenet | MEAN/STD (comma lists); default: the --init checkpoint's, else none.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-B", help="Samples per local step (B).")] = 1,
-    steps: Annotated[int, typer.Option("--steps", help="Local steps m (m > 1 sends the update delta).")] = 1,
-    lr: Annotated[float, typer.Option("--lr", help="Local learning rate eta.")] = 0.01,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="sgd | momentum | fedprox.")] = "sgd",
-    momentum: Annotated[float, typer.Option("--momentum", help="Momentum for --optimizer momentum.")] = 0.9,
-    prox_mu: Annotated[float, typer.Option("--prox-mu", help="FedProx mu for --optimizer fedprox.")] = 0.0,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="L2 weight decay in local steps.")] = 0.0,
+                         "imagenet | MEAN/STD (comma lists); default: the --init checkpoint's, else none.", rich_help_panel="private data")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-B", help="Samples per local step (B).", rich_help_panel="local training")] = 1,
+    steps: Annotated[int, typer.Option("--steps", help="Local steps m (m > 1 sends the update delta).", rich_help_panel="local training")] = 1,
+    lr: Annotated[float, typer.Option("--lr", help="Local learning rate eta.", rich_help_panel="local training")] = 0.01,
+    optimizer: Annotated[str, typer.Option("--optimizer", help="sgd | momentum | fedprox.", rich_help_panel="local training")] = "sgd",
+    momentum: Annotated[float, typer.Option("--momentum", help="Momentum for --optimizer momentum.", rich_help_panel="local training")] = 0.9,
+    prox_mu: Annotated[float, typer.Option("--prox-mu", help="FedProx mu for --optimizer fedprox.", rich_help_panel="local training")] = 0.0,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="L2 weight decay in local steps.", rich_help_panel="local training")] = 0.0,
     label_smoothing: Annotated[Optional[str], typer.Option("--label-smoothing", help="Label smoothing eps, or a "
-                               "range LO:HI drawn per sample.")] = None,
+                               "range LO:HI drawn per sample.", rich_help_panel="labels the client trained on")] = None,
     mixup: Annotated[Optional[float], typer.Option("--mixup", help="Mixup with coefficient ~ Beta(ALPHA, ALPHA) "
-                     "per sample, partner of another class.")] = None,
-    mixup_coef: Annotated[Optional[float], typer.Option("--mixup-coef", help="Mixup with a fixed coefficient C.")]
+                     "per sample, partner of another class.", rich_help_panel="labels the client trained on")] = None,
+    mixup_coef: Annotated[Optional[float], typer.Option("--mixup-coef", help="Mixup with a fixed coefficient C.", rich_help_panel="labels the client trained on")]
     = None,
-    dp_clip: Annotated[Optional[float], typer.Option("--dp-clip", help="DP-SGD: clip per-sample gradients to C.")]
+    dp_clip: Annotated[Optional[float], typer.Option("--dp-clip", help="DP-SGD: clip per-sample gradients to C.", rich_help_panel="defences")]
     = None,
     dp_noise: Annotated[Optional[float], typer.Option("--dp-noise", help="DP-SGD: noise multiplier sigma "
-                        "(noise std sigma x C).")] = None,
+                        "(noise std sigma x C).", rich_help_panel="defences")] = None,
     prune: Annotated[Optional[float], typer.Option("--prune", help="Zero this fraction of each tensor's smallest "
-                     "entries (top-k pruning).")] = None,
-    indices: Annotated[Optional[str], typer.Option("--indices", help="Exact item indices, comma-separated (B x m).")]
+                     "entries (top-k pruning).", rich_help_panel="defences")] = None,
+    indices: Annotated[Optional[str], typer.Option("--indices", help="Exact item indices, comma-separated (B x m).", rich_help_panel="private data")]
     = None,
     classes: Annotated[Optional[str], typer.Option("--classes", help="Classes, comma-separated: one per sample, "
-                       "or a pool to draw from.")] = None,
+                       "or a pool to draw from.", rich_help_panel="private data")] = None,
     dirichlet: Annotated[Optional[float], typer.Option("--dirichlet", help="Class mix ~ Dirichlet(ALPHA) "
-                         "(heterogeneous client).")] = None,
+                         "(heterogeneous client).", rich_help_panel="private data")] = None,
     mode: Annotated[str, typer.Option("--mode", help="Model mode in local training: train | eval "
-                    "(batch norm).")] = "train",
+                    "(batch norm).", rich_help_panel="local training")] = "train",
     dtype: Annotated[str, typer.Option("--dtype", help="float32 | float64 (analytic attacks are exact "
-                     "in float64).")] = "float32",
+                     "in float64).", rich_help_panel="local training")] = "float32",
     send: Annotated[Optional[str], typer.Option("--send", help="gradient | delta (default: gradient for one "
-                    "step, delta for m > 1).")] = None,
+                    "step, delta for m > 1).", rich_help_panel="local training")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for init, sampling, labels and noise.")] = 0,
     device: DeviceOpt = "cpu",
     json_output: JsonOpt = False,
@@ -291,6 +368,8 @@ def capture(
 
     One step (m = 1) sends the gradient (FedSGD); m > 1 sends theta_after - theta_before
     (FedAvg). Only `score` may read the truth file.
+
+    Example: gitool capture --model lenet --data samples --label-smoothing 0.1 -o run/c.update.safetensors
     """
     from gitool.capture import CaptureConfig, SampleChoice, capture as run_capture
     from gitool.data import open_source
@@ -299,6 +378,7 @@ def capture(
     check_device(device)
     if repeat < 1:
         raise UsageError("--repeat must be at least 1")
+    check_seed(seed, repeat)
     if repeat > 1 and out_dir is None:
         raise UsageError("--repeat N needs --out-dir DIR")
     if out_dir is None and output is None:
@@ -328,27 +408,35 @@ def capture(
         mean, std = tuple(checkpoint_meta["normalize"]["mean"]), tuple(checkpoint_meta["normalize"]["std"])
     else:
         mean, std = parse_normalization(normalize or "none", spec.input_shape[0])
-    loss = LossSpec(family=family, label_smoothing=eps_fixed, label_smoothing_range=eps_range,
-                    mixup_alpha=mixup, mixup_coef=mixup_coef)
-    training = TrainingSpec(batch_size=batch_size, steps=steps, lr=lr, optimizer=optimizer,
-                            momentum=momentum if optimizer == "momentum" else 0.0,
-                            prox_mu=prox_mu if optimizer == "fedprox" else 0.0,
-                            weight_decay=weight_decay, model_mode=mode, dtype=dtype)
-    defence = DefenceSpec(dp_clip=dp_clip, dp_noise=dp_noise, prune=prune)
+    with option_errors():
+        loss = LossSpec(family=family, label_smoothing=eps_fixed, label_smoothing_range=eps_range,
+                        mixup_alpha=mixup, mixup_coef=mixup_coef)
+        training = TrainingSpec(batch_size=batch_size, steps=steps, lr=lr, optimizer=optimizer,
+                                momentum=momentum if optimizer == "momentum" else 0.0,
+                                prox_mu=prox_mu if optimizer == "fedprox" else 0.0,
+                                weight_decay=weight_decay, model_mode=mode, dtype=dtype)
+        defence = DefenceSpec(dp_clip=dp_clip, dp_noise=dp_noise, prune=prune)
+        InputSpec(shape=tuple(spec.input_shape), mean=mean, std=std)
     source = open_source(data, tuple(spec.input_shape), num_classes=spec.num_classes, seed=0)
     choice = SampleChoice(indices=parse_int_list(indices, "--indices"), classes=parse_int_list(classes, "--classes"),
                           dirichlet_alpha=dirichlet)
     if out_dir is not None:
         if out_dir.exists() and not out_dir.is_dir():
             raise UsageError(f"--out-dir {out_dir} is a file")
-        out_dir.mkdir(parents=True, exist_ok=True)
+        pairs = [(out_dir / f"{i:04d}.update.safetensors", out_dir / f"{i:04d}.truth.safetensors")
+                 for i in range(repeat)]
     else:
         check_output(output)
         truth = truth or output.parent / f"{_stem(output)}.truth.safetensors"
         check_output(truth, "--truth")
-        if truth.resolve() == output.resolve():  # the truth would silently replace the update
+        if identity(truth) == identity(output):  # the truth would silently replace the update
             raise UsageError(f"the update and the truth would both be {output}; name the update "
                              "STEM.update.safetensors or give another --truth")
+        pairs = [(output, truth)]
+    refuse_overlap([("--init", Path(init) if init not in ("uniform", "default") else None)],
+                   [(what, path) for pair in pairs for what, path in zip(("the update", "the truth"), pair)])
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     written = []
     started = time.perf_counter()
@@ -359,11 +447,7 @@ def capture(
                                    input=InputSpec(shape=tuple(spec.input_shape), mean=mean, std=std),
                                    choice=choice, send=send, init=init, seed=seed + i, device=device)
             update, truth_obj = run_capture(source, spec, config, init_state=init_state, provenance={"data": data})
-            if out_dir is not None:
-                update_path = out_dir / f"{i:04d}.update.safetensors"
-                truth_path = out_dir / f"{i:04d}.truth.safetensors"
-            else:
-                update_path, truth_path = output, truth
+            update_path, truth_path = pairs[i]
             save_capture(update, truth_obj, update_path, truth_path)
             written.append({"update": str(update_path), "truth": str(truth_path), "seed": seed + i,
                             "kind": update.kind})
@@ -395,41 +479,40 @@ def inspect(
     file: Annotated[Path, typer.Argument(help="Any gitool file.")],
     json_output: JsonOpt = False,
 ) -> None:
-    """Show a file's kind, version, metadata and a table of its tensors (shape, dtype, norm, range)."""
-    import torch
+    """Show a file's kind, version, metadata and a table of its tensors (shape, dtype, norm, range).
 
-    from gitool.files import read_raw
+    Any parseable gitool file is shown, also one that the attack commands would refuse:
+    the reason is printed as a warning (and in --json as "problem"). Statistics are
+    computed piece by piece, so a huge tensor costs no more memory than a small one.
 
-    raw = read_raw(file)
-    rows = []
-    for name, tensor in raw.tensors.items():
-        values = tensor.to(torch.float64) if tensor.numel() else tensor
-        rows.append({
-            "name": name,
-            "shape": list(tensor.shape),
-            "dtype": str(tensor.dtype).replace("torch.", ""),
-            "norm": float(values.norm()) if tensor.numel() else 0.0,
-            "min": float(values.min()) if tensor.numel() else None,
-            "max": float(values.max()) if tensor.numel() else None,
-        })
-    document = {"path": str(raw.path), "kind": raw.kind, "version": raw.version, "producer": raw.producer,
-                "metadata": raw.meta, "tensors": rows}
+    Example: gitool inspect run/0000.update.safetensors
+    """
+    from gitool.inspect import inspect_file
+
+    document = inspect_file(file)
     if json_output:
         emit_json(document)
         return
-    out.print(f"[bold]{raw.path}[/]: gitool [cyan]{raw.kind}[/] file, format {raw.version} ({raw.producer})",
-              highlight=False)
+    out.print(f"[bold]{document['path']}[/]: gitool [cyan]{document['kind']}[/] file, format {document['version']} "
+              f"({document['producer']})", highlight=False)
     from rich.pretty import Pretty
 
-    out.print(Pretty(raw.meta, max_length=12, max_string=200))
-    table = Table(title=f"{len(rows)} tensors", show_lines=False)
+    out.print(Pretty(document["metadata"], max_length=12, max_string=200, max_depth=6))
+    table = Table(title=f"{len(document['tensors'])} tensors", show_lines=False)
     for column in ("name", "shape", "dtype", "norm", "min", "max"):
-        table.add_column(column, justify="right" if column in ("norm", "min", "max") else "left")
-    for row in rows:
-        table.add_row(row["name"], "x".join(map(str, row["shape"])) or "scalar", row["dtype"], f"{row['norm']:.4g}",
-                      f"{row['min']:.4g}" if row["min"] is not None else "-",
-                      f"{row['max']:.4g}" if row["max"] is not None else "-")
+        table.add_column(column, justify="right" if column in ("norm", "min", "max") else "left",
+                         overflow="fold", no_wrap=column != "name")
+    for row in document["tensors"]:
+        table.add_row(row["name"], "x".join(map(str, row["shape"])) or "scalar", row["dtype"], _fmt_stat(row["norm"]),
+                      _fmt_stat(row["min"]), _fmt_stat(row["max"]))
     out.print(table)
+    if document["problem"]:
+        err.print(f"[bold yellow]warning:[/] the attack commands would refuse this file: {document['problem']}",
+                  highlight=False, soft_wrap=True)
+
+
+def _fmt_stat(value: Any) -> str:
+    return "-" if value is None else f"{value:.4g}"
 
 
 # --------------------------------------------------------------------------- train
@@ -454,7 +537,10 @@ def train(
     device: DeviceOpt = "cpu",
     json_output: JsonOpt = False,
 ) -> None:
-    """Train a model of the zoo on a data source and write a checkpoint, so trained models can be attacked."""
+    """Train a model of the zoo on a data source and write a checkpoint, so trained models can be attacked.
+
+    Example: gitool train --model lenet --data synthetic:300 --epochs 5 -o lenet.safetensors
+    """
     import torch
 
     from gitool.data import open_source
@@ -463,7 +549,9 @@ def train(
     from gitool.train import check_settings, train_model
 
     check_device(device)
+    check_seed(seed)
     check_output(output)
+    refuse_overlap([("--init", Path(init) if init not in ("uniform", "default") else None)], [("--output", output)])
     check_settings(epochs=epochs, lr=lr, batch_size=batch_size)
     spec, init_state, _ = resolve_model(model, num_classes, image_size, activation, no_bias, model_opt, init)
     mean, std = parse_normalization(normalize, spec.input_shape[0])
@@ -508,13 +596,19 @@ def score(
     lpips_weights: Annotated[Optional[Path], typer.Option("--lpips-weights", help="Local AlexNet LPIPS weights "
                              "(torchvision features.* + lpips lin*.weight, .safetensors or torch state dict); "
                              "without them LPIPS is skipped.")] = None,
+    allow_mismatch: Annotated[bool, typer.Option("--allow-mismatch", help="Score a result against the truth of "
+                              "another update without failing (a re-imported export, say); the mismatch is still "
+                              "reported.")] = False,
     json_output: JsonOpt = False,
 ) -> None:
     """Compare recovered labels, counts, features or images with the truth (methods.md section 4 conventions).
 
     Images: PSNR (peak 1, per image, then averaged) and SSIM (Gaussian 11x11, sigma 1.5)
     after one-to-one Hungarian matching on MSE; LPIPS (AlexNet) only with --lpips-weights,
-    since gitool bundles no network weights and downloads nothing (the output says so)."""
+    since gitool bundles no network weights and downloads nothing (the output says so).
+
+    Example: gitool score run/c.labels.safetensors --truth run/c.truth.safetensors
+    """
     from gitool import metrics
     from gitool.files import RESULT_KINDS, load_result, load_truth, stem_of
 
@@ -534,15 +628,17 @@ def score(
     if png is not None and len(paths) != 1:
         raise UsageError("--png draws one reconstruction: give exactly one file")
     check_output(png, "--png")
+    truth_paths = [truth if truth is not None else truth_dir / f"{stem_of(path)}.truth.safetensors" for path in paths]
+    refuse_overlap([("the result", path) for path in paths] + [("the truth", t) for t in truth_paths]
+                   + [("--lpips-weights", lpips_weights)], [("--png", png)])
     lpips_net = None
     if lpips_weights is not None:
         from gitool.lpips import load_lpips
 
         lpips_net = load_lpips(lpips_weights)
     rows = []
-    for path in paths:
+    for path, truth_path in zip(paths, truth_paths):
         result = load_result(path)
-        truth_path = truth if truth is not None else truth_dir / f"{stem_of(path)}.truth.safetensors"
         truth_obj = load_truth(truth_path)
         row = {"file": str(path), "kind": result.kind, "method": result.method, "truth": str(truth_path),
                **metrics.score(result, truth_obj)}
@@ -569,8 +665,10 @@ def score(
     kinds = sorted({r["kind"] for r in rows})
     summary = {kind: metrics.aggregate([r for r in rows if r["kind"] == kind], kind) for kind in kinds}
     notes = [LPIPS_SKIPPED] if "reconstruction" in kinds and lpips_net is None else []
+    mismatched = [row for row in rows if "warning" in row]
     if json_output:
         emit_json({"files": rows, "summary": summary, "notes": notes})
+        _refuse_mismatch(mismatched, allow_mismatch)
         return
     for note in notes:
         err.print(f"note: {note}", highlight=False)
@@ -579,7 +677,7 @@ def score(
     for kind in kinds:
         columns = [c for c in metrics.HEADLINE[kind] if any(c in r for r in rows if r["kind"] == kind)]
         table = Table(title=f"{kind}")
-        table.add_column("file")
+        table.add_column("file", overflow="fold")
         table.add_column("method")
         for column in columns:
             table.add_column(column, justify="right")
@@ -589,6 +687,16 @@ def score(
             agg = summary[kind]
             table.add_row(f"mean of {agg['files']}", "", *(_fmt(agg.get(c)) for c in columns), style="bold")
         out.print(table)
+    _refuse_mismatch(mismatched, allow_mismatch)
+
+
+def _refuse_mismatch(mismatched: list[dict], allowed: bool) -> None:
+    """Scores of a result against another update's truth are garbage that looks fine:
+    they are printed, and the command fails unless the user said it is intended."""
+    if mismatched and not allowed:
+        raise GitoolError(f"{len(mismatched)} result(s) were scored against the truth of another update (first: "
+                          f"{mismatched[0]['file']}); their numbers mean nothing. Pass --allow-mismatch if the "
+                          "pairing is intended (a re-imported export)")
 
 
 LPIPS_SKIPPED = ("LPIPS skipped: it needs pretrained network weights, none are bundled and nothing can be "
@@ -646,8 +754,7 @@ def reconstruct(
     features_path: Annotated[Optional[Path], typer.Option("--features", "-f", help="Recovered last-layer features "
                              "(from `gitool features`); without it a single-sample gradient with a classifier bias "
                              "uses the bias ratio x = dW_i / db_i.")] = None,
-    method: Annotated[str, typer.Option("--method", help="fc (fully-connected nets, Wang et al.) | conv (plain "
-                      "conv stacks with an FC head, R-CONV) | optimize.")] = "conv",
+    method: Annotated[str, typer.Option("--method", help=RECON_METHOD_HELP)] = "conv",
     png: Annotated[Optional[Path], typer.Option("--png", help="Also write the reconstructed images as a PNG "
                    "grid.")] = None,
     explain: Annotated[bool, typer.Option("--explain", help="Before solving, print per layer the unknowns, "
@@ -701,11 +808,14 @@ def reconstruct(
     = None,
     seed: Annotated[int, typer.Option("--seed", help="optimize: seed of the random starts.",
                     rich_help_panel="--method optimize")] = 0,
+    model: TrustOpt = None,
     device: DeviceOpt = "cpu",
     json_output: JsonOpt = False,
 ) -> None:
-    """Reconstruct the client's input images from the update, the recovered labels and features."""
-    from gitool import reconstruct_analytic
+    """Reconstruct the client's input images from the update, the recovered labels and features.
+
+    Example: gitool reconstruct run/c.update.safetensors --labels run/c.labels.safetensors --features run/c.features.safetensors --method fc -o run/c.reconstruction.safetensors --png run/c.png
+    """
     from gitool.files import load_result, load_update, new_result, save_result
     from gitool.reconstruct import RECON_METHODS
     from gitool.reconstruct import reconstruct as run_reconstruction
@@ -713,14 +823,14 @@ def reconstruct(
     if method not in RECON_METHODS:
         raise UsageError(f"--method must be one of {', '.join(RECON_METHODS)}, got {method!r}")
     check_device(device)
+    check_seed(seed)
+    trust_models(model)
     check_output(output)
     check_output(png, "--png")
-    update = load_update(update_path)
-    labels = load_result(labels_path, ["labels"]) if labels_path is not None else None
-    features = load_result(features_path, ["features"]) if features_path is not None else None
+    refuse_overlap([("the update", update_path), ("--labels", labels_path), ("--features", features_path)],
+                   [("--output", output), ("--png", png)])
     options = {"solver": solver, "constraints": constraints, "tol": tol, "max_iter": max_iter,
                "condition_limit": condition_limit, "dense_limit": dense_limit, "device": device}
-    reconstruct_analytic.solve_options(options)  # bad values fail before any work
     if method == "optimize":
         if save_every and save_dir is None:
             save_dir = output.parent / f"{_stem(output)}.optimize-steps"
@@ -729,7 +839,13 @@ def reconstruct(
                    "signed": signed, "line_search": line_search, "joint_labels": joint_labels,
                    "layer_weights": layer_weights, "save_every": save_every,
                    "save_dir": str(save_dir) if save_dir else None, "seed": seed, "device": device}
+    RECON_METHODS[method].parse_options(options)  # bad values fail before any file is read
+    update = load_update(update_path)
+    labels = load_result(labels_path, ["labels"]) if labels_path is not None else None
+    features = load_result(features_path, ["features"]) if features_path is not None else None
     if explain and method in ("fc", "conv") and not json_output:
+        from gitool import reconstruct_analytic
+
         err.print(_explain_table(reconstruct_analytic.explain(update, method)))
     started = time.perf_counter()
     with progress_bar(enabled=not json_output) as bar:
@@ -742,7 +858,7 @@ def reconstruct(
         outcome = run_reconstruction(update, labels, features, method, options, progress)
     seconds = time.perf_counter() - started
     result = new_result("reconstruction", {"images": outcome.images}, method=method, update=update,
-                        options=options, diagnostics=outcome.diagnostics, wall_time=seconds)
+                        options=outcome.options, diagnostics=outcome.diagnostics, wall_time=seconds)
     save_result(result, output)
     if png is not None:
         from gitool.plotting import save_image_grid
@@ -766,22 +882,11 @@ def reconstruct(
 
 
 def _label_method(name: str, update):
-    """The registered function for ``name`` ("auto" picks from the update), with an error that
-    names the batch methods when a batch / multi-step update needs one that is missing."""
-    from gitool.labels import LABEL_METHODS, auto_method, resolve
+    """The registry entry for ``name`` ("auto" picks from the update)."""
+    from gitool.labels import label_method
 
-    chosen = auto_method(update) if name == "auto" else name
-    try:
-        return chosen, resolve(LABEL_METHODS, chosen, "label method")
-    except UsageError:
-        if update.is_single_gradient:
-            raise
-        from gitool.labels_single import BATCH_METHODS
-
-        raise UsageError(
-            f"{update.path} holds {update.num_samples} samples ({update.training.batch_size} x "
-            f"{update.training.steps} steps): it needs a batch label method ({', '.join(BATCH_METHODS)}), "
-            f"and {chosen!r} is not available in this build of gitool") from None
+    method = label_method(update, name)
+    return method.name, method
 
 
 def _label_row(path: Path, output: Path, name: str, outcome, seconds: float) -> dict[str, Any]:
@@ -805,40 +910,44 @@ def labels(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="The labels file (one update).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out-dir", help="Folder for many updates: each output keeps its "
                        "input's stem (0007.update -> 0007.labels).")] = None,
-    method: Annotated[str, typer.Option("--method", help="auto (bias for a single-sample gradient with a last-layer "
-                      "bias, lambda without one, rlu for batches / multi-step updates) or a method name: bias, "
-                      "lambda, idlg, yin, llg, llg+, zlg, ilrg, rlu.")] = "auto",
-    family: Annotated[str, typer.Option("--family", help="Label family prior for the single-sample methods: auto "
-                      "(fit smoothing and mixup, keep the clearly better) | hard | smoothing | mixup.")] = "auto",
-    search: Annotated[str, typer.Option("--search", help="lambda search: scan (dense grid over both signs, every "
-                      "minimum refined to round-off) | pso (the paper's particle swarm, slow; for comparison).")]
-    = "scan",
+    method: Annotated[str, typer.Option("--method", help=LABEL_METHOD_HELP)] = "auto",
+    family: Annotated[Optional[str], typer.Option("--family", help="Label family prior for the single-sample "
+                      "methods: auto (fit smoothing and mixup, keep the clearly better) | hard | smoothing | mixup; "
+                      "default: the family the update records, auto when it is unknown.",
+                      rich_help_panel="single-sample methods")] = None,
+    search: Annotated[Optional[str], typer.Option("--search", help="lambda search: scan (dense grid over both signs, "
+                      "every minimum refined to round-off, default) | pso (the paper's particle swarm, slow; for "
+                      "comparison).", rich_help_panel="single-sample methods")] = None,
     aux: Annotated[Optional[str], typer.Option("--aux", help="Auxiliary data source for the batch methods that "
-                   "need one (a --data spec).")] = None,
-    aux_per_class: Annotated[int, typer.Option("--aux-per-class", help="Auxiliary samples per class.")] = 10,
+                   "need one (a --data spec).", rich_help_panel="batch methods")] = None,
+    aux_per_class: Annotated[Optional[int], typer.Option("--aux-per-class", help="Auxiliary samples per class "
+                             "(default 10).", rich_help_panel="batch methods")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for randomised searches (pso) and methods.")] = 0,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="PNG of the search loss over lambda, the chosen "
                     "minimum marked (one update).")] = None,
+    model: TrustOpt = None,
     device: DeviceOpt = "cpu",
     json_output: JsonOpt = False,
 ) -> None:
     """Recover the soft label (single-sample gradient) or the label counts (batch) from updates.
 
     A single-sample gradient gives its exact soft label: through the last-layer bias, or without one by the lambda search of Wang et al. (ICLR 2024) with a label-structure prior (hard, label smoothing, mixup). Writes a labels file per update (labels 1 x K and counts) with the method, options and diagnostics.
+
+    Example: gitool labels run/c.update.safetensors -o run/c.labels.safetensors   (many: gitool labels runs/ --out-dir out/)
     """
-    from gitool.attacks.soft_label import FAMILIES, SEARCHES
     from gitool.files import expand_inputs, load_update, new_result, output_name, save_result
     from gitool.labels import LABEL_METHODS
 
     check_device(device)
+    check_seed(seed)
+    trust_models(model)
     if method != "auto" and method not in LABEL_METHODS:
         raise UsageError(f"--method must be auto or one of {', '.join(LABEL_METHODS)}, got {method!r}")
-    if family not in FAMILIES:
-        raise UsageError(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
-    if search not in SEARCHES:
-        raise UsageError(f"--search must be one of {', '.join(SEARCHES)}, got {search!r}")
-    if aux_per_class < 1:
-        raise UsageError("--aux-per-class must be at least 1")
+    options = {"family": family, "search": search, "seed": seed, "device": device, "aux": aux,
+               "aux_per_class": aux_per_class}
+    for entry in ([LABEL_METHODS[method]] if method != "auto" else LABEL_METHODS.values()):
+        if method != "auto" or not entry.needs_aux:
+            entry.parse_options(options)  # impossible values fail before any file is read
     paths = expand_inputs(updates, "update")
     if output is not None and out_dir is not None:
         raise UsageError("give -o/--output FILE for one update or --out-dir DIR for many, not both")
@@ -852,27 +961,28 @@ def labels(
         raise UsageError("--plot draws the scan's loss curve over lambda; it needs --search scan")
     check_output(output)
     check_output(plot, "--plot")
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out-dir {out_dir} is a file")
+    targets = {path: output if output is not None else out_dir / output_name(path, "labels") for path in paths}
+    refuse_overlap([("the update", path) for path in paths],
+                   [("--output" if output is not None else "--out-dir file", t) for t in targets.values()]
+                   + [("--plot", plot)])
     if out_dir is not None:
-        if out_dir.exists() and not out_dir.is_dir():
-            raise UsageError(f"--out-dir {out_dir} is a file")
         out_dir.mkdir(parents=True, exist_ok=True)
-    options = {"family": family, "search": search, "seed": seed, "device": device, "aux": aux,
-               "aux_per_class": aux_per_class}
 
     rows, failures = [], []
     with progress_bar(enabled=len(paths) > 1 and not json_output) as bar:
         task = bar.add_task("recovering labels", total=len(paths))
         for path in paths:
             try:
-                update = load_update(path)
-                name, function = _label_method(method, update)
-                started = time.perf_counter()
-                outcome = function(update, dict(options))
-                seconds = time.perf_counter() - started
+                update = load_update(path, tensors="classifier")  # the method reads the rest if it needs it
+                name, entry = _label_method(method, update)
+                outcome = entry(update, options, LABEL_METHODS)
+                seconds = outcome.seconds
                 tensors = {key: value for key, value in (("labels", outcome.labels), ("counts", outcome.counts))
                            if value is not None}
-                target = output if output is not None else out_dir / output_name(path, "labels")
-                result = new_result("labels", tensors, method=name, update=update, options=options,
+                target = targets[path]
+                result = new_result("labels", tensors, method=name, update=update, options=outcome.options,
                                     diagnostics=outcome.diagnostics, wall_time=seconds)
                 save_result(result, target)
                 if plot is not None:
@@ -907,7 +1017,8 @@ def _print_label_rows(rows: list[dict[str, Any]]) -> None:
         return
     table = Table(title=f"labels: {len(rows)} file(s)")
     for column in ("file", "method", "family", "top classes", "eps / mix coef", "loss", "residual", "ok", "ms"):
-        table.add_column(column, justify="right" if column in ("loss", "residual", "ms") else "left")
+        table.add_column(column, justify="right" if column in ("loss", "residual", "ms") else "left",
+                         overflow="fold")  # fold, never cut, a name the user may copy
     for row in rows:
         d = row["diagnostics"]
         top = ", ".join(f"{c}: {v:.3f}" for c, v in row.get("top", []))
@@ -928,19 +1039,24 @@ def features(
     update: Annotated[Path, typer.Argument(help="The update (a single-sample gradient).")],
     labels_file: Annotated[Path, typer.Option("--labels", "-l", help="Its labels file from `gitool labels`.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The features file to write.")],
+    model: TrustOpt = None,
     device: DeviceOpt = "cpu",
     json_output: JsonOpt = False,
 ) -> None:
     """Recover the last layer's input feature x of a single-sample gradient from its labels.
 
     With a last-layer bias x is the bias ratio; without one x = lambda G_r with the lambda that explains the label. Checks that (x, label) reproduce the gradient and warns (in the output and the file) when the relative residual is above tolerance.
+
+    Example: gitool features run/c.update.safetensors --labels run/c.labels.safetensors -o run/c.features.safetensors
     """
     from gitool.files import load_result, load_update, new_result, save_result
     from gitool.labels_single import recover_features
 
     check_device(device)
+    trust_models(model)
     check_output(output)
-    loaded = load_update(update)
+    refuse_overlap([("the update", update), ("--labels", labels_file)], [("--output", output)])
+    loaded = load_update(update, tensors="classifier")  # x needs the classifier's tensors alone
     labels_result = load_result(labels_file, ("labels",))
     labels_result.check_source(loaded)
     started = time.perf_counter()
@@ -966,7 +1082,10 @@ def features(
 
 @app.command("models")
 def list_models(json_output: JsonOpt = False) -> None:
-    """List the model zoo and the data sources with their options."""
+    """List the model zoo and the data sources with their options.
+
+    Example: gitool models --json
+    """
     from gitool.data import describe_sources
     from gitool.models import describe_models
 
@@ -999,7 +1118,10 @@ def demo(
     = Path("gitool-demo"),
     json_output: JsonOpt = False,
 ) -> None:
-    """Run the whole attack chain on the bundled samples and write every file, PNG and a summary.json."""
+    """Run the whole attack chain on the bundled samples and write every file, PNG and a summary.json.
+
+    Example: gitool demo --out-dir gitool-demo
+    """
     from gitool.demo import run_demo
 
     if out_dir.exists() and not out_dir.is_dir():
@@ -1041,33 +1163,33 @@ def import_command(
     activation: ActivationOpt = None,
     no_bias: NoBiasOpt = False,
     model_opt: ModelOptOpt = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-B", help="Samples per local step.")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Local steps m.")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Local learning rate.")] = None,
-    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="sgd | momentum | fedprox.")] = None,
-    momentum: Annotated[Optional[float], typer.Option("--momentum", help="Momentum of --optimizer momentum.")]
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-B", help="Samples per local step.", rich_help_panel="local training")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Local steps m.", rich_help_panel="local training")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Local learning rate.", rich_help_panel="local training")] = None,
+    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="sgd | momentum | fedprox.", rich_help_panel="local training")] = None,
+    momentum: Annotated[Optional[float], typer.Option("--momentum", help="Momentum of --optimizer momentum.", rich_help_panel="local training")]
     = None,
-    prox_mu: Annotated[Optional[float], typer.Option("--prox-mu", help="FedProx mu of --optimizer fedprox.")]
+    prox_mu: Annotated[Optional[float], typer.Option("--prox-mu", help="FedProx mu of --optimizer fedprox.", rich_help_panel="local training")]
     = None,
     weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="L2 weight decay in local "
-                            "steps.")] = None,
-    mode: Annotated[Optional[str], typer.Option("--mode", help="Model mode in local training: train | eval.")]
+                            "steps.", rich_help_panel="local training")] = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="Model mode in local training: train | eval.", rich_help_panel="local training")]
     = None,
     hard_labels: Annotated[bool, typer.Option("--hard-labels", help="The client trained on plain one-hot "
-                           "labels.")] = False,
+                           "labels.", rich_help_panel="labels the client trained on")] = False,
     label_smoothing: Annotated[Optional[str], typer.Option("--label-smoothing", help="Label smoothing eps, or "
-                               "a range LO:HI drawn per sample.")] = None,
-    mixup: Annotated[Optional[float], typer.Option("--mixup", help="Mixup with coefficient ~ Beta(ALPHA, ALPHA).")]
+                               "a range LO:HI drawn per sample.", rich_help_panel="labels the client trained on")] = None,
+    mixup: Annotated[Optional[float], typer.Option("--mixup", help="Mixup with coefficient ~ Beta(ALPHA, ALPHA).", rich_help_panel="labels the client trained on")]
     = None,
-    mixup_coef: Annotated[Optional[float], typer.Option("--mixup-coef", help="Mixup with a fixed coefficient.")]
+    mixup_coef: Annotated[Optional[float], typer.Option("--mixup-coef", help="Mixup with a fixed coefficient.", rich_help_panel="labels the client trained on")]
     = None,
     normalize: Annotated[Optional[str], typer.Option("--normalize", help="none | half | cifar10 | cifar100 | "
-                         "imagenet | MEAN/STD (comma lists).")] = None,
+                         "imagenet | MEAN/STD (comma lists).", rich_help_panel="private data")] = None,
     no_defence: Annotated[bool, typer.Option("--no-defence", help="The client applied no DP noise and no "
-                          "pruning.")] = False,
-    dp_clip: Annotated[Optional[float], typer.Option("--dp-clip", help="DP-SGD clipping norm C.")] = None,
-    dp_noise: Annotated[Optional[float], typer.Option("--dp-noise", help="DP-SGD noise multiplier.")] = None,
-    prune: Annotated[Optional[float], typer.Option("--prune", help="Top-k pruning fraction.")] = None,
+                          "pruning.", rich_help_panel="defences")] = False,
+    dp_clip: Annotated[Optional[float], typer.Option("--dp-clip", help="DP-SGD clipping norm C.", rich_help_panel="defences")] = None,
+    dp_noise: Annotated[Optional[float], typer.Option("--dp-noise", help="DP-SGD noise multiplier.", rich_help_panel="defences")] = None,
+    prune: Annotated[Optional[float], typer.Option("--prune", help="Top-k pruning fraction.", rich_help_panel="defences")] = None,
     json_output: JsonOpt = False,
 ) -> None:
     """Turn weights saved by another federated-learning stack into an update file gitool attacks.
@@ -1076,11 +1198,15 @@ def import_command(
     local training (--after), the difference (--delta) or a gradient (--grad). Training
     facts the files cannot tell come from options or --facts; a fact nobody gave is
     recorded as unknown, and an attack that needs it says so instead of guessing.
+
+    Example: gitool import --model mynet:make --before before.pt --after after.pt --batch-size 4 --steps 2 --lr 0.01 --optimizer sgd --hard-labels -o client.update.safetensors
     """
     from gitool.files import save_update
     from gitool.interop import import_update, merge_facts, read_facts_file, spec_in_weights
 
     check_output(output)
+    refuse_overlap([("--before", before), ("--after", after), ("--delta", delta), ("--grad", grad),
+                    ("--facts", facts)], [("--output", output)])
     file_facts = read_facts_file(facts) if facts is not None else {}
     base = file_facts.get("model")
     base_has_shape = "input_shape" in file_facts.get("model_fields", ())
@@ -1151,15 +1277,22 @@ def export_command(
                       "beside it in both cases.")],
     fmt: Annotated[Optional[str], typer.Option("--format", help="pt | npz (default: from the output's "
                    "suffix).")] = None,
+    model: TrustOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
     """Write an update out for other tools: a torch bundle of plain tensors (loads with
-    weights_only=True) or Flower-style NumPy lists in state_dict order, with a JSON facts file."""
+    weights_only=True) or Flower-style NumPy lists in state_dict order, with a JSON facts file.
+
+    Example: gitool export run/c.update.safetensors -o out.npz
+    """
     from gitool.files import load_update
     from gitool.interop import export_update
 
+    trust_models(model)
     check_output(output)
-    written = export_update(load_update(update_file), output, fmt)
+    written = export_update(load_update(update_file), output, fmt,
+                            check=lambda paths: refuse_overlap([("the update", update_file)],
+                                                               [(f"the {part} file", p) for part, p in paths.items()]))
     if json_output:
         emit_json({"update": str(update_file), "written": {part: str(path) for part, path in written.items()}})
         return

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,86 +47,9 @@ RESULT_TENSORS = {
 
 
 # --------------------------------------------------------------------------- specs
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What the model sees: input shape (C, H, W) and the normalisation applied to
-    images in [0, 1]: ``inputs = (images - mean) / std`` per channel."""
-
-    shape: tuple[int, int, int]
-    mean: tuple[float, ...] = (0.0,)
-    std: tuple[float, ...] = (1.0,)
-
-    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        channels = self.shape[0]
-        mean = torch.as_tensor(self.mean, dtype=like.dtype, device=like.device)
-        std = torch.as_tensor(self.std, dtype=like.dtype, device=like.device)
-        mean = mean.expand(channels) if mean.numel() == 1 else mean
-        std = std.expand(channels) if std.numel() == 1 else std
-        return mean.view(1, channels, 1, 1), std.view(1, channels, 1, 1)
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        mean, std = self._stats(images)
-        return (images - mean) / std
-
-    def denormalize(self, inputs: torch.Tensor) -> torch.Tensor:
-        mean, std = self._stats(inputs)
-        return inputs * std + mean
-
-    @property
-    def numel(self) -> int:
-        c, h, w = self.shape
-        return c * h * w
-
-
-@dataclass(frozen=True)
-class LossSpec:
-    """The label family the client trained with, as configured (the per-sample values
-    stay in the truth file): hard labels, label smoothing with a fixed factor or a
-    range drawn per sample, or mixup with a fixed coefficient or Beta(alpha, alpha)."""
-
-    family: str = "hard"  # hard | smoothing | mixup
-    label_smoothing: float | None = None
-    label_smoothing_range: tuple[float, float] | None = None
-    mixup_alpha: float | None = None
-    mixup_coef: float | None = None
-
-
-@dataclass(frozen=True)
-class TrainingSpec:
-    """The client's local training: B samples per step, m steps, learning rate eta,
-    the optimiser (sgd, momentum, fedprox), weight decay, and the model mode
-    (``train`` or ``eval``, which matters for batch norm)."""
-
-    batch_size: int = 1
-    steps: int = 1
-    lr: float = 0.01
-    optimizer: str = "sgd"
-    momentum: float = 0.0
-    prox_mu: float = 0.0
-    weight_decay: float = 0.0
-    model_mode: str = "train"
-    dtype: str = "float32"
-
-    @property
-    def num_samples(self) -> int:
-        return self.batch_size * self.steps
-
-
-@dataclass(frozen=True)
-class DefenceSpec:
-    """Defences the client applied: DP-SGD (per-sample clipping to ``dp_clip`` then
-    Gaussian noise of std ``dp_noise * dp_clip``) and top-k pruning (the smallest
-    ``prune`` fraction of each tensor's entries set to zero)."""
-
-    dp_clip: float | None = None
-    dp_noise: float | None = None
-    prune: float | None = None
-
-    @property
-    def active(self) -> bool:
-        return bool(self.dp_clip) or bool(self.prune)
+# The specs live in gitool.specs (each fact with its constraint); they are re-exported
+# here because every reader of a file meets them.
+from gitool.specs import DefenceSpec, InputSpec, LossSpec, SpecError, TrainingSpec  # noqa: E402
 
 
 # --------------------------------------------------------------------------- objects
@@ -166,6 +88,8 @@ class Update:
     sha256: str | None = None
     # (weight, bias) parameter names of the classifier, found once: finding them builds the model.
     _classifier_names: tuple[str, str | None] | None = field(default=None, init=False, repr=False, compare=False)
+    # True when only the classifier's tensors were read (see read_all).
+    _partial: bool = field(default=False, init=False, repr=False, compare=False)
 
     @property
     def num_samples(self) -> int:
@@ -176,26 +100,42 @@ class Update:
         return self.kind == "gradient" and self.training.num_samples == 1
 
     def build_model(self, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu"):
-        """The global model, in ``dtype`` on ``device``, in the client's mode."""
-        from gitool.models import build_model
+        """The global model, in ``dtype`` on ``device``, in the client's mode. The module
+        is built once per model spec in a process (gitool.models.cached_model); each call
+        loads this update's weights into it and hands back a copy, so callers may change
+        their model freely and two updates' models never share weights."""
+        import copy
 
-        # Cast before loading: loading float64 weights into a float32 model would round them.
-        model = build_model(self.model).to(dtype=dtype)
+        from gitool.models import cached_model
+
+        self.read_all()
+        model = cached_model(self.model, dtype, "cpu")
         load_state(model, self.global_state, what=f"update {self.path or ''}".strip())
-        model = model.to(device=device)
+        model = copy.deepcopy(model).to(device=device)  # callers may change it; the cached one stays clean
         model.train(self.training.model_mode == "train")
         return model
+
+    def read_all(self) -> None:
+        """Read the tensors a partial load (``load_update(..., tensors="classifier")``) left on disk."""
+        if self._partial and self.path is not None:
+            full = load_update(self.path)
+            if full.sha256 != self.sha256:
+                raise GitoolError(f"{self.path} changed while it was being read")
+            self.global_state, self.values, self._partial = full.global_state, full.values, False
 
     def last_layer(self, model=None) -> LastLayer:
         """The classifier's weights and their gradient/update, in float64."""
         from gitool.models import last_linear
 
-        if model is not None or self._classifier_names is None:
-            model = model if model is not None else self.build_model()
+        if model is not None:
             layer = last_linear(model)
             names = {id(p): n for n, p in model.named_parameters()}
             self._classifier_names = (names[id(layer.weight)],
                                       names.get(id(layer.bias)) if layer.bias is not None else None)
+        elif self._classifier_names is None:
+            from gitool.models import classifier_names
+
+            self._classifier_names = classifier_names(self.model)
         weight_name, bias_name = self._classifier_names
 
         def f64(name):
@@ -316,36 +256,44 @@ def file_sha256(path: str | Path) -> str:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and one rename."""
-    path = Path(path)
-    if path.is_dir():
-        raise UsageError(f"{path} is a folder; give a file name")
-    if not path.parent.exists():
-        raise GitoolError(f"folder {path.parent} does not exist")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
+    from gitool.atomic import write_atomic
+
+    write_atomic(path, data)
 
 
-def _write(path: str | Path, kind: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    from safetensors.torch import save
+# Diagnostics keys that hold wall-clock times: shown on screen and in --json, never
+# written into a file, so that the same inputs and seed give the same bytes.
+TIMING_KEYS = frozenset({"seconds", "runtime_s", "wall_time", "time_s", "elapsed"})
+
+
+def _without_timings(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items() if k not in TIMING_KEYS}
+    if isinstance(value, (list, tuple)):
+        return [_without_timings(v) for v in value]
+    return value
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no optional spaces: one text per value."""
+    return json.dumps(_jsonable(value), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def encode_file(kind: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
+    """The canonical bytes of a gitool file."""
+    from gitool.codec import encode
 
     header = {
         "gitool.kind": kind,
         "gitool.version": str(FORMAT_VERSION),
         "gitool.producer": f"gitool {__version__}",
-        "gitool.meta": json.dumps(_jsonable(meta), sort_keys=True),
+        "gitool.meta": canonical_json(meta),
     }
-    # safetensors wants contiguous tensors that share no memory
-    plain = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-    atomic_write_bytes(path, save(plain, metadata=header))
+    return encode(tensors, header)
+
+
+def _write(path: str | Path, kind: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    atomic_write_bytes(path, encode_file(kind, tensors, meta))
     return Path(path)
 
 
@@ -359,15 +307,22 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.tolist()
     if hasattr(value, "item") and callable(value.item) and getattr(value, "shape", None) == ():
-        return value.item()
+        value = value.item()
     if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
         return str(value)
     return value
 
 
+# dtypes a gitool file may hold: floats in the two precisions the attacks know, and
+# int64 for classes, counts, steps and integer buffers (docs/FORMAT.md).
+GITOOL_DTYPES = ("F32", "F64", "I64")
+
+
 @dataclass
 class RawFile:
-    """A gitool file's header and tensors, validated only for being a gitool file."""
+    """A gitool file's header and (the requested) tensors, validated only for being a
+    gitool file: ``entries`` describes every tensor the header lists, ``tensors`` holds
+    those read."""
 
     path: Path
     kind: str
@@ -375,55 +330,69 @@ class RawFile:
     producer: str
     meta: dict[str, Any]
     tensors: dict[str, torch.Tensor]
+    entries: dict[str, Any] = field(default_factory=dict)
 
 
 def existing_file(path: str | Path, what: str) -> Path:
-    """``path`` as a Path, or one clear line when it is missing or a folder (``what``
-    names the expected file in that message, e.g. "a gitool file")."""
+    """``path`` as a Path, or one clear line when it is missing, a folder or not a
+    regular file (``what`` names the expected file in that message)."""
+    from gitool.codec import open_regular
+
     path = Path(path)
-    if not path.exists():
-        raise GitoolError(f"{path}: no such file")
-    if path.is_dir():
-        raise GitoolError(f"{path} is a folder, not {what}")
+    open_regular(path, what).close()
     return path
 
 
-def read_raw(path: str | Path, kinds: Iterable[str] | None = None, *, load_tensors: bool = True) -> RawFile:
+def read_raw(path: str | Path, kinds: Iterable[str] | None = None, *, load_tensors: bool = True,
+             expect=None) -> RawFile:
     """Open any gitool file; check it is one, of a version we read and (if ``kinds``
-    is given) of an expected kind. Raises GitoolError with one clear line otherwise."""
-    from safetensors import safe_open
+    is given) of an expected kind. Raises GitoolError with one clear line otherwise.
 
-    path = existing_file(path, "a gitool file")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()} if load_tensors else {}
-    except Exception as exc:  # safetensors raises several types for corrupt input
-        raise GitoolError(f"{path}: not a readable safetensors file ({_short(exc)})") from None
+    ``expect(raw)``, when given, checks the header (``raw.entries``, ``raw.meta``) before
+    any tensor is read, and returns the names to read (None: all)."""
+    from gitool.codec import TensorFile
+
+    with TensorFile(path, "a gitool file") as handle:
+        raw = _header(handle, kinds)
+        names = expect(raw) if expect is not None else None
+        if load_tensors:
+            names = list(raw.entries) if names is None else names
+            raw.tensors = {name: handle.read(name) for name in names}
+    return raw
+
+
+def _header(handle, kinds: Iterable[str] | None) -> RawFile:
+    from gitool.codec import loads_json
+
+    path, header = handle.path, handle.metadata
     kind = header.get("gitool.kind")
     if kind is None:
         raise GitoolError(f"{path}: a safetensors file without gitool metadata (not written by gitool)")
-    try:
-        version = int(header.get("gitool.version", ""))
-    except ValueError:
-        raise GitoolError(f"{path}: unreadable gitool.version {header.get('gitool.version')!r}") from None
+    if kind not in KINDS:
+        raise GitoolError(f"{path}: unknown gitool.kind {kind[:40]!r}")
+    text = header.get("gitool.version", "")
+    if not (text.isascii() and text.isdigit() and len(text) < 6):
+        raise GitoolError(f"{path}: unreadable gitool.version {text[:20]!r}")
+    version = int(text)
     if version > FORMAT_VERSION:
         raise GitoolError(
             f"{path}: format version {version} is newer than this gitool reads ({FORMAT_VERSION}); upgrade gitool"
         )
     if version < 1:
         raise GitoolError(f"{path}: unknown format version {version}")
-    try:
-        meta = json.loads(header.get("gitool.meta", "{}"))
-    except json.JSONDecodeError:
-        raise GitoolError(f"{path}: corrupt gitool.meta JSON in the header") from None
+    meta = loads_json(header.get("gitool.meta", "{}"), f"{path}: gitool.meta")
     if not isinstance(meta, dict):
         raise GitoolError(f"{path}: gitool.meta is not a JSON object")
     kinds = tuple(kinds) if kinds is not None else None
     if kinds is not None and kind not in kinds:
         wanted = " or ".join(kinds)
         raise GitoolError(f"{path} is {_a(kind)} {kind} file; this needs {_a(kinds[0])} {wanted} file")
-    return RawFile(path, kind, version, header.get("gitool.producer", ""), meta, tensors)
+    for entry in handle.entries.values():
+        if entry.dtype not in GITOOL_DTYPES:
+            raise GitoolError(f"{path}: tensor '{entry.name[:80]}' is {entry.dtype}; gitool files hold float32, "
+                              "float64 or int64 only")
+    return RawFile(path, kind, version, str(header.get("gitool.producer", ""))[:80], meta, {},
+                   dict(handle.entries))
 
 
 def _a(word: str) -> str:
@@ -443,7 +412,7 @@ def _require_finite(raw: RawFile, names: Iterable[str]) -> None:
 
 
 def _require_tensors(raw: RawFile, names: Iterable[str]) -> None:
-    missing = [n for n in names if n not in raw.tensors]
+    missing = [n for n in names if n not in raw.entries]
     if missing:
         raise GitoolError(f"{raw.path}: missing tensor(s) {', '.join(missing)} for a {raw.kind} file")
 
@@ -460,11 +429,14 @@ def _build_spec(cls, raw: RawFile, key: str):
     hints = typing.get_type_hints(cls)
     strange = sorted(set(values) - set(hints))
     if strange:
-        raise GitoolError(f"{raw.path}: metadata section '{key}' has unknown field(s) {', '.join(strange)}")
+        listed = ", ".join(name[:40] for name in strange[:6])
+        raise GitoolError(f"{raw.path}: metadata section '{key}' has unknown field(s) {listed}")
     values = {name: coerce_field(value, hints[name], f"{raw.path}: metadata {key}.{name}")
               for name, value in values.items()}
     try:
         return cls(**values)
+    except SpecError as exc:
+        raise GitoolError(f"{raw.path}: metadata {exc.key} {exc.message}") from None
     except TypeError as exc:
         raise GitoolError(f"{raw.path}: metadata section '{key}' is malformed ({_short(exc)})") from None
 
@@ -530,13 +502,14 @@ GLOBAL_PREFIX = "global."
 VALUE_PREFIX = {"gradient": "grad.", "delta": "delta."}
 
 
-def save_update(update: Update, path: str | Path) -> Path:
-    from gitool.models import build_model
+def update_tensors_and_meta(update: Update) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """What :func:`save_update` writes: the tensors by file name and the metadata."""
+    from gitool.models import expected_tensors
 
     if update.kind not in VALUE_PREFIX:
         raise GitoolError(f"unknown update kind {update.kind!r}")
     # The values must belong to the model's parameters, or nobody can use the file.
-    params = dict(build_model(update.model).named_parameters())
+    _, params = expected_tensors(update.model)
     unknown = sorted(set(update.values) - set(params))
     if unknown:
         raise GitoolError("update values for parameters the model lacks: " + ", ".join(unknown[:6]))
@@ -551,65 +524,118 @@ def save_update(update: Update, path: str | Path) -> Path:
         "defence": asdict(update.defence),
         "provenance": update.provenance,
     }
+    return tensors, meta
+
+
+def save_update(update: Update, path: str | Path) -> Path:
+    tensors, meta = update_tensors_and_meta(update)
     written = _write(path, "update", tensors, meta)
     update.path, update.sha256 = written, file_sha256(written)
     return written
 
 
-def load_update(path: str | Path) -> Update:
-    """Read and validate an update: kind, version, metadata, tensor names and shapes
-    against the model the metadata describes, and finiteness."""
-    from gitool.models import ModelSpec, build_model
+FLOAT_OF_DTYPE = {"float32": "F32", "float64": "F64"}
 
-    raw = read_raw(path, ("update",))
-    kind = raw.meta.get("update_kind")
-    if kind not in VALUE_PREFIX:
-        raise GitoolError(f"{raw.path}: unknown update_kind {kind!r} (expected gradient or delta)")
-    try:
-        spec = ModelSpec.from_dict(_section(raw, "model"))
-    except GitoolError as exc:
-        raise GitoolError(f"{raw.path}: {exc}") from None
-    input_spec = _build_spec(InputSpec, raw, "input")
-    loss = _build_spec(LossSpec, raw, "loss")
-    training = _build_spec(TrainingSpec, raw, "training")
-    defence = _build_spec(DefenceSpec, raw, "defence")
+
+def load_update(path: str | Path, tensors: str = "all") -> Update:
+    """Read and validate an update: kind, version, metadata (every fact against its
+    constraint), and the tensor names, shapes and dtypes against the model the metadata
+    describes, all before any tensor is read; then finiteness of what was read.
+
+    ``tensors="classifier"`` reads only the classifier's weights and their gradient or
+    delta (what the soft-label and most count methods need); ``Update.read_all`` (which
+    ``build_model`` calls) reads the rest when a method needs it."""
+    from gitool.models import ModelSpec, check_trusted, classifier_names, expected_tensors
+
+    parsed: dict[str, Any] = {}
+
+    def expect(raw: RawFile):
+        kind = raw.meta.get("update_kind")
+        if kind not in VALUE_PREFIX:
+            raise GitoolError(f"{raw.path}: unknown update_kind {str(kind)[:40]!r} (expected gradient or delta)")
+        strange = sorted(set(raw.meta) - UPDATE_META_KEYS)
+        if strange:
+            raise GitoolError(f"{raw.path}: unknown metadata key(s) {', '.join(k[:40] for k in strange[:6])}")
+        try:
+            spec = ModelSpec.from_dict(_section(raw, "model"))
+        except GitoolError as exc:
+            raise GitoolError(f"{raw.path}: {exc}") from None
+        check_trusted(spec, str(raw.path))
+        provenance = raw.meta.get("provenance", {})
+        if not isinstance(provenance, dict):
+            raise GitoolError(f"{raw.path}: metadata provenance must be a JSON object")
+        unknown = provenance.get("unknown_facts", [])
+        if not isinstance(unknown, list) or not all(isinstance(n, str) for n in unknown):
+            raise GitoolError(f"{raw.path}: metadata provenance.unknown_facts must be a list of names")
+        parsed.update(kind=kind, spec=spec, provenance=provenance,
+                      input=_build_spec(InputSpec, raw, "input"), loss=_build_spec(LossSpec, raw, "loss"),
+                      training=_build_spec(TrainingSpec, raw, "training"),
+                      defence=_build_spec(DefenceSpec, raw, "defence"))
+        if tuple(parsed["input"].shape) != tuple(spec.input_shape):
+            raise GitoolError(f"{raw.path}: input shape {parsed['input'].shape} differs from the model's "
+                              f"{spec.input_shape}")
+        try:
+            state, params = expected_tensors(spec)
+        except GitoolError as exc:
+            raise GitoolError(f"{raw.path}: {exc}") from None
+        prefix = VALUE_PREFIX[kind]
+        stray = [n for n in raw.entries if not (n.startswith(GLOBAL_PREFIX) or n.startswith(prefix))]
+        if stray:
+            raise GitoolError(f"{raw.path}: unexpected tensors {', '.join(n[:60] for n in stray[:6])}")
+        float_dtype = FLOAT_OF_DTYPE[parsed["training"].dtype]
+        problems = []
+        for prefix_, wanted, what in ((GLOBAL_PREFIX, state, "global weights"), (prefix, params, kind)):
+            have = {n[len(prefix_):]: e for n, e in raw.entries.items() if n.startswith(prefix_)}
+            missing = sorted(set(wanted) - set(have))
+            extra = sorted(set(have) - set(wanted))
+            if missing:
+                problems.append(f"no {what} for {', '.join(missing[:6])}")
+            if extra:
+                problems.append(f"{what} for parameters the model lacks: {', '.join(n[:60] for n in extra[:6])}")
+            for name in sorted(set(have) & set(wanted)):
+                entry, (shape, floating) = have[name], wanted[name]
+                if entry.shape != shape:
+                    problems.append(f"{prefix_}{name} {entry.shape} vs model {shape}")
+                elif floating and entry.dtype != float_dtype:
+                    problems.append(f"{prefix_}{name} is {entry.dtype}, the update says {parsed['training'].dtype}")
+                elif not floating and entry.dtype != "I64":
+                    problems.append(f"{prefix_}{name} is {entry.dtype}, the model's buffer is int64")
+        if problems:
+            raise GitoolError(f"{raw.path}: the tensors do not fit the model {spec.name[:80]}: "
+                              + "; ".join(problems[:6]))
+        if tensors == "classifier":
+            try:
+                names = [n for n in classifier_names(spec) if n is not None]
+            except GitoolError as exc:
+                raise GitoolError(f"{raw.path}: {exc}") from None
+            return [p + n for p in (GLOBAL_PREFIX, prefix) for n in names]
+        return None
+
+    if tensors not in ("all", "classifier"):
+        raise ValueError(f"tensors must be 'all' or 'classifier', not {tensors!r}")
+    raw = read_raw(path, ("update",), expect=expect)
     _require_finite(raw, raw.tensors)
-
-    prefix = VALUE_PREFIX[kind]
+    prefix = VALUE_PREFIX[parsed["kind"]]
     global_state = {n[len(GLOBAL_PREFIX):]: t for n, t in raw.tensors.items() if n.startswith(GLOBAL_PREFIX)}
     values = {n[len(prefix):]: t for n, t in raw.tensors.items() if n.startswith(prefix)}
-    stray = [n for n in raw.tensors if not (n.startswith(GLOBAL_PREFIX) or n.startswith(prefix))]
-    if stray:
-        raise GitoolError(f"{raw.path}: unexpected tensors {', '.join(stray[:6])}")
-    model = build_model(spec)
-    load_state(model, global_state, what=f"{raw.path}: global weights")
-    params = dict(model.named_parameters())
-    missing = sorted(set(params) - set(values))
-    if missing:
-        raise GitoolError(f"{raw.path}: no {kind} for parameter(s) {', '.join(missing[:6])}")
-    wrong = [
-        f"{n} {tuple(values[n].shape)} vs {tuple(params[n].shape)}"
-        for n in params
-        if tuple(values[n].shape) != tuple(params[n].shape)
-    ]
-    extra = sorted(set(values) - set(params))
-    if wrong or extra:
-        raise GitoolError(f"{raw.path}: {kind} does not fit the model: " + "; ".join((wrong + extra)[:6]))
-    if tuple(input_spec.shape) != tuple(spec.input_shape):
-        raise GitoolError(f"{raw.path}: input shape {input_spec.shape} differs from the model's {spec.input_shape}")
-    return Update(
-        model=spec,
-        input=input_spec,
-        loss=loss,
-        training=training,
-        defence=defence,
-        kind=kind,
+    update = Update(
+        model=parsed["spec"],
+        input=parsed["input"],
+        loss=parsed["loss"],
+        training=parsed["training"],
+        defence=parsed["defence"],
+        kind=parsed["kind"],
         global_state=global_state,
         values=values,
-        provenance=raw.meta.get("provenance", {}),
+        provenance=parsed["provenance"],
         path=raw.path,
         sha256=file_sha256(raw.path),
     )
+    update._partial = tensors == "classifier"
+    return update
+
+
+UPDATE_META_KEYS = {"update_kind", "model", "input", "loss", "training", "defence", "provenance"}
 
 
 # --------------------------------------------------------------------------- truth
@@ -623,20 +649,68 @@ def save_truth(truth: Truth, path: str | Path) -> Path:
 
 
 def save_capture(update: Update, truth: Truth, update_path: str | Path, truth_path: str | Path) -> None:
-    """Write a client round: the update, then its truth with a pointer (path, sha256) to it."""
-    save_update(update, update_path)
-    truth.meta["update"] = {"path": str(update.path), "sha256": update.sha256}
-    save_truth(truth, truth_path)
+    """Write a client round: the update, then its truth with a pointer (path, sha256) to it.
+
+    The pair is written by :func:`gitool.atomic.write_pair`, so a run killed at any
+    moment never leaves a truth that points at another update than the one beside it."""
+    from gitool.atomic import write_pair
+
+    tensors, meta = update_tensors_and_meta(update)
+    update_bytes = encode_file("update", tensors, meta)
+    update_sha = hashlib.sha256(update_bytes).hexdigest()
+    truth.meta["update"] = {"path": str(update_path), "sha256": update_sha}
+    truth_bytes = encode_file("truth", {name: getattr(truth, name) for name in Truth.TENSORS}, truth.meta)
+    write_pair(update_path, update_bytes, truth_path, truth_bytes)
+    update.path, update.sha256 = Path(update_path), update_sha
+    truth.path, truth.sha256 = Path(truth_path), hashlib.sha256(truth_bytes).hexdigest()
+
+
+# Each truth tensor: its dimensions (letters shared between tensors must agree) and
+# whether it holds floats (else int64).
+TRUTH_LAYOUT = {
+    "images": ("NCHW", True), "inputs": ("NCHW", True), "labels": ("NK", True), "targets": ("N2", False),
+    "mix_coef": ("N", True), "label_smoothing": ("N", True), "features": ("Nd", True), "counts": ("K", False),
+    "step": ("N", False),
+}
 
 
 def load_truth(path: str | Path) -> Truth:
-    raw = read_raw(path, ("truth",))
-    _require_tensors(raw, Truth.TENSORS)
+    """Read and validate a truth: exactly its tensors, with shapes that agree (N rows,
+    K classes, ...) and dtypes checked from the header before reading; classes in range."""
+
+    def expect(raw: RawFile):
+        _require_tensors(raw, Truth.TENSORS)
+        extra = sorted(set(raw.entries) - set(Truth.TENSORS))
+        if extra:
+            raise GitoolError(f"{raw.path}: unexpected tensors {', '.join(n[:60] for n in extra[:6])}")
+        sizes: dict[str, int] = {"2": 2}
+        for name, (dims, floating) in TRUTH_LAYOUT.items():
+            entry = raw.entries[name]
+            if len(entry.shape) != len(dims):
+                raise GitoolError(f"{raw.path}: tensor '{name}' has shape {entry.shape}, expected {len(dims)} "
+                                  f"dimensions ({' x '.join(dims)})")
+            for letter, size in zip(dims, entry.shape):
+                if sizes.setdefault(letter, size) != size:
+                    raise GitoolError(f"{raw.path}: tensor '{name}' has {size} along {letter}, other tensors "
+                                      f"{sizes[letter]}")
+            if floating != (entry.dtype in ("F32", "F64")):
+                raise GitoolError(f"{raw.path}: tensor '{name}' is {entry.dtype}, expected "
+                                  f"{'float32 or float64' if floating else 'int64'}")
+        pointer = raw.meta.get("update")
+        if pointer is not None and not (isinstance(pointer, dict)
+                                        and all(isinstance(pointer.get(k), str) for k in ("path", "sha256"))):
+            raise GitoolError(f"{raw.path}: metadata update must be an object with a path and a sha256")
+        return None
+
+    raw = read_raw(path, ("truth",), expect=expect)
     _require_finite(raw, Truth.TENSORS)
-    n = raw.tensors["images"].shape[0]
-    for name in Truth.TENSORS:
-        if name != "counts" and raw.tensors[name].shape[0] != n:
-            raise GitoolError(f"{raw.path}: tensor '{name}' has {raw.tensors[name].shape[0]} rows, images has {n}")
+    classes = raw.tensors["labels"].shape[1]
+    targets = raw.tensors["targets"]
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= classes):
+        raise GitoolError(f"{raw.path}: tensor 'targets' holds classes outside 0..{classes - 1}")
+    for name in ("counts", "step"):
+        if raw.tensors[name].numel() and int(raw.tensors[name].min()) < 0:
+            raise GitoolError(f"{raw.path}: tensor '{name}' holds negative values")
     return Truth(**{name: raw.tensors[name] for name in Truth.TENSORS}, meta=raw.meta, path=raw.path,
                  sha256=file_sha256(raw.path))
 
@@ -656,15 +730,16 @@ def new_result(kind: str, tensors: dict[str, torch.Tensor], *, method: str, upda
 
 
 def save_result(result: Result, path: str | Path) -> Path:
+    """Write a result. Wall-clock times stay out of the file (see :data:`TIMING_KEYS`):
+    the same update, options and seed give the same bytes."""
     if result.kind not in RESULT_TENSORS:
         raise GitoolError(f"unknown result kind {result.kind!r}")
     if not any(name in result.tensors for name in RESULT_TENSORS[result.kind]):
         raise GitoolError(f"a {result.kind} result needs one of: {', '.join(RESULT_TENSORS[result.kind])}")
     meta = {
         "method": result.method,
-        "options": result.options,
-        "diagnostics": result.diagnostics,
-        "wall_time": result.wall_time,
+        "options": _without_timings(result.options),
+        "diagnostics": _without_timings(result.diagnostics),
         "source": result.source,
     }
     written = _write(path, result.kind, result.tensors, meta)
@@ -672,19 +747,32 @@ def save_result(result: Result, path: str | Path) -> Path:
     return written
 
 
+RESULT_META = {"method": str, "options": dict, "diagnostics": dict, "source": dict, "wall_time": (int, float)}
+
+
 def load_result(path: str | Path, kinds: Iterable[str] = RESULT_KINDS) -> Result:
-    raw = read_raw(path, kinds)
-    if not any(name in raw.tensors for name in RESULT_TENSORS[raw.kind]):
-        raise GitoolError(f"{raw.path}: a {raw.kind} file needs one of: {', '.join(RESULT_TENSORS[raw.kind])}")
+    def expect(raw: RawFile):
+        if not any(name in raw.entries for name in RESULT_TENSORS[raw.kind]):
+            raise GitoolError(f"{raw.path}: a {raw.kind} file needs one of: {', '.join(RESULT_TENSORS[raw.kind])}")
+        for key, kind in RESULT_META.items():
+            value = raw.meta.get(key)
+            if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+                raise GitoolError(f"{raw.path}: metadata {key} has the wrong type ({type(value).__name__})")
+        source = raw.meta.get("source") or {}
+        if not all(isinstance(source.get(k, ""), str) for k in ("path", "sha256")):
+            raise GitoolError(f"{raw.path}: metadata source must hold a path and a sha256 as text")
+        return None
+
+    raw = read_raw(path, kinds, expect=expect)
     _require_finite(raw, raw.tensors)
     return Result(
         kind=raw.kind,
         tensors=raw.tensors,
         method=str(raw.meta.get("method", "")),
-        options=raw.meta.get("options", {}),
-        diagnostics=raw.meta.get("diagnostics", {}),
-        wall_time=float(raw.meta.get("wall_time", 0.0)),
-        source=raw.meta.get("source", {}),
+        options=raw.meta.get("options") or {},
+        diagnostics=raw.meta.get("diagnostics") or {},
+        wall_time=float(raw.meta.get("wall_time") or 0.0),
+        source=raw.meta.get("source") or {},
         path=raw.path,
         sha256=file_sha256(raw.path),
     )
@@ -700,37 +788,60 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> Path:
     return written
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
+def load_checkpoint(path: str | Path, budget: int | None = None) -> Checkpoint:
     """Weights from a gitool checkpoint, a plain safetensors state dict, or a torch
     ``.pt``/``.pth`` state dict loaded with ``weights_only=True`` (never unpickling
-    arbitrary objects). A plain state dict carries no model spec (``model`` is None)."""
+    arbitrary objects). A plain state dict carries no model spec (``model`` is None).
+
+    ``budget`` (bytes), when given, refuses a file whose tensors would take more, before
+    any is read."""
+    from gitool.codec import TensorFile
     from gitool.models import ModelSpec
 
-    path = Path(path)
-    if not path.exists():
-        raise GitoolError(f"{path}: no such checkpoint")
+    path = existing_file(path, "a checkpoint")
     if path.suffix in (".pt", ".pth", ".bin"):
-        return Checkpoint(model=None, state=read_torch_state(path), path=path)
-    try:
-        raw = read_raw(path, ("checkpoint",))
-    except GitoolError as exc:
-        if "without gitool metadata" not in str(exc):
-            raise
-        from safetensors.torch import load_file
+        return Checkpoint(model=None, state=read_torch_state(path, budget=budget), path=path)
 
-        return Checkpoint(model=None, state=load_file(str(path)), path=path)
+    def within_budget(raw_or_handle) -> None:
+        total = sum(entry.nbytes for entry in raw_or_handle.entries.values())
+        if budget is not None and total > budget:
+            raise GitoolError(f"{path}: its tensors take {total} bytes, more than the model's weights could need "
+                              f"({budget}); refused unread")
+
+    with TensorFile(path, "a checkpoint") as handle:
+        if "gitool.kind" not in handle.metadata:  # a plain state dict, as other tools write it
+            within_budget(handle)
+            return Checkpoint(model=None, state={name: handle.read(name) for name in handle.entries}, path=path)
+    raw = read_raw(path, ("checkpoint",), expect=lambda raw: within_budget(raw))
     _require_finite(raw, raw.tensors)
-    return Checkpoint(model=ModelSpec.from_dict(_section(raw, "model")), state=raw.tensors,
-                      meta={k: v for k, v in raw.meta.items() if k != "model"}, path=raw.path)
+    try:
+        spec = ModelSpec.from_dict(_section(raw, "model"))
+    except GitoolError as exc:
+        raise GitoolError(f"{raw.path}: {exc}") from None
+    return Checkpoint(model=spec, state=raw.tensors, meta={k: v for k, v in raw.meta.items() if k != "model"},
+                      path=raw.path)
 
 
-def read_torch_object(path: str | Path) -> Any:
+def read_torch_object(path: str | Path, budget: int | None = None) -> Any:
     """Whatever a torch file holds, loaded with ``weights_only=True``: tensors, dicts,
     lists, numbers and strings only. A file that needs arbitrary unpickling (a pickled
-    object, whose loading could run code) is refused, not executed."""
+    object, whose loading could run code) is refused, not executed. ``budget`` (bytes)
+    refuses, unread, a file that would unpack to more."""
     import pickle
+    import zipfile
 
     path = existing_file(path, "a torch file")
+    if budget is not None:
+        size = path.stat().st_size
+        try:
+            if zipfile.is_zipfile(path):
+                with zipfile.ZipFile(path) as archive:
+                    size = sum(info.file_size for info in archive.infolist())
+        except (zipfile.BadZipFile, OSError, ValueError):
+            pass  # torch.load reports what is wrong
+        if size > budget:
+            raise GitoolError(f"{path}: it unpacks to {size} bytes, more than the model's weights could need "
+                              f"({budget}); refused unread")
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -750,10 +861,10 @@ def _short_torch(exc: BaseException) -> str:
     return line.split(". ")[0].rstrip(".")[:160]
 
 
-def read_torch_state(path: str | Path) -> dict[str, torch.Tensor]:
+def read_torch_state(path: str | Path, budget: int | None = None) -> dict[str, torch.Tensor]:
     """A tensor dictionary from a torch file, with ``weights_only=True``: a file that
     needs arbitrary unpickling is refused, not executed."""
-    obj = read_torch_object(path)
+    obj = read_torch_object(path, budget=budget)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -40,6 +40,7 @@ import torch
 from gitool import __version__
 from gitool.errors import GitoolError, UsageError
 from gitool.facts import FACTS, UNKNOWN_KEY, unknown_facts
+from gitool.specs import OPTION_OF, SpecError
 from gitool.files import (
     DefenceSpec,
     InputSpec,
@@ -192,13 +193,12 @@ def specs_from_facts(facts: dict[str, Any], *, kind: str, dtype: str, input_shap
     }
     assert set(known) == set(FACTS), "every fact needs a rule here"
     inputs["shape"] = tuple(input_shape)
-    input_spec = InputSpec(**inputs)
-    for values in (input_spec.mean, input_spec.std):
-        if len(values) not in (1, input_shape[0]):
-            raise UsageError(f"the normalisation needs 1 or {input_shape[0]} values for mean and std")
-    if any(s <= 0 for s in input_spec.std):
-        raise UsageError("the normalisation's std must be positive")
-    specs = TrainingSpec(**training), LossSpec(**loss), DefenceSpec(**facts.get("defence", {}))
+    try:
+        input_spec = InputSpec(**inputs)
+        specs = TrainingSpec(**training), LossSpec(**loss), DefenceSpec(**facts.get("defence", {}))
+    except SpecError as exc:  # from an option or the facts file: name both
+        raise UsageError(f"{exc.key} {exc.message} (set by {OPTION_OF.get(exc.key, exc.key)} or the facts "
+                         "file)") from None
     validate(CaptureConfig(training=specs[0], loss=specs[1], defence=specs[2], send=kind), num_classes)
     unknown = [name for name, is_known in known.items() if not is_known]
     return input_spec, *specs, unknown
@@ -243,19 +243,23 @@ class ModelLayout:
         model = build_model(spec)
         return cls(dict(model.state_dict()), [name for name, _ in model.named_parameters()])
 
+    @property
+    def budget(self) -> int:
+        """The most bytes a weights file of this model may unpack to: every state-dict
+        entry in float64, plus room for headers. A file claiming more is refused unread."""
+        return sum(t.numel() for t in self.state.values()) * 8 + 1024 * len(self.state) + (1 << 20)
+
 
 def read_weights(path: str | Path, part: str, layout: ModelLayout) -> dict[str, torch.Tensor]:
     """The tensors of one part (before, after, delta, gradient) from a weights file."""
-    path = Path(path)
-    if not path.exists():
-        raise GitoolError(f"{path}: no such file")
-    if path.is_dir():
-        raise UsageError(f"{path} is a folder; give a weights file")
+    from gitool.files import existing_file
+
+    path = existing_file(path, "a weights file")
     suffix = path.suffix.lower()
     if suffix == ".npz":
         return _read_npz(path, part, layout)
     if suffix in TORCH_SUFFIXES:
-        obj = read_torch_object(path)
+        obj = read_torch_object(path, budget=layout.budget)
         if isinstance(obj, dict) and any(isinstance(obj.get(p), dict) for p in PARTS):
             if not isinstance(obj.get(part), dict):  # an export bundle without this part
                 held = ", ".join(p for p in PARTS if isinstance(obj.get(p), dict))
@@ -267,7 +271,7 @@ def read_weights(path: str | Path, part: str, layout: ModelLayout) -> dict[str, 
             raise GitoolError(f"{path}: expected a dictionary of tensors (a state_dict)")
         return {str(k): v for k, v in obj.items()}
     if suffix == ".safetensors":
-        return dict(load_checkpoint(path).state)
+        return dict(load_checkpoint(path, budget=layout.budget).state)
     raise UsageError(f"{path}: unknown weights format; expected .safetensors, .pt, .pth, .bin or .npz")
 
 
@@ -286,16 +290,7 @@ def _read_npz(path: Path, part: str, layout: ModelLayout) -> dict[str, torch.Ten
                               "np.savez")
         what = "one .npy array" if magic == b"\x93NUMPY" else "not a zip of .npy arrays"
         raise GitoolError(f"{path}: not a readable .npz archive ({what}); save the list with np.savez")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-    except ValueError as exc:
-        if "pickle" in str(exc).lower():
-            raise GitoolError(f"refused: {path} holds object arrays that need unpickling, which could run code; "
-                              "save numeric arrays only") from None
-        raise GitoolError(f"{path}: not a readable .npz archive ({exc})") from None
-    except Exception as exc:  # zipfile and numpy raise several types for corrupt files
-        raise GitoolError(f"{path}: not a readable .npz archive ({type(exc).__name__}: {exc})") from None
+    arrays = read_npz_arrays(path, layout.budget, len(layout.state))
     for key, array in arrays.items():
         if not isinstance(array, np.ndarray):  # numpy hands back raw bytes of a member that is no .npy
             raise GitoolError(f"{path}: member {key} is not a .npy array (is this really an np.savez archive?)")
@@ -311,6 +306,68 @@ def _read_npz(path: Path, part: str, layout: ModelLayout) -> dict[str, torch.Ten
     else:
         names, values = list(arrays), list(arrays.values())
     return {name: torch.from_numpy(value.copy()) for name, value in zip(names, values)}  # copy: C order, 0-d kept
+
+
+def read_npz_arrays(path: Path, budget: int, most_members: int) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` archive, checked from the zip directory and each
+    member's ``.npy`` header before anything is decompressed: at most ``budget`` bytes
+    in all and ``most_members`` members (plus a few), each array no larger than its
+    member, no pickled objects."""
+    import zipfile
+
+    def fail(reason: str) -> GitoolError:
+        return GitoolError(f"{path}: not a readable .npz archive ({reason})")
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+            if len(members) > most_members + 16:
+                raise GitoolError(f"{path}: {len(members)} arrays, far more than the model's {most_members} "
+                                  "entries; refused unread")
+            total = sum(info.file_size for info in members)
+            if total > budget:
+                raise GitoolError(f"{path}: the archive unpacks to {total} bytes, more than the model's weights "
+                                  f"could need ({budget}); refused unread")
+            names = [info.filename for info in members]
+            if len(set(names)) != len(names):
+                raise fail("duplicate member names")
+            arrays = {}
+            for info in members:
+                key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                with archive.open(info) as member:
+                    arrays[key] = _read_npy(member, info.file_size, f"{path}: member {info.filename[:60]}")
+            return arrays
+    except GitoolError:
+        raise
+    except Exception as exc:  # zipfile and numpy raise several types for corrupt files
+        raise fail(f"{type(exc).__name__}: {str(exc)[:120]}") from None
+
+
+def _read_npy(member, size: int, where: str) -> np.ndarray:
+    """One ``.npy`` array, its header checked against the member's size before reading."""
+    from numpy.lib import format as npy
+
+    try:
+        version = npy.read_magic(member)
+    except ValueError:
+        raise GitoolError(f"{where} is not a .npy array (is this really an np.savez archive?)") from None
+    if version == (1, 0):
+        shape, fortran, dtype = npy.read_array_header_1_0(member, max_header_size=10000)
+    elif version in ((2, 0), (3, 0)):
+        shape, fortran, dtype = npy.read_array_header_2_0(member, max_header_size=10000)
+    else:
+        raise GitoolError(f"{where}: unknown .npy version {version}")
+    if dtype.hasobject or dtype.kind not in "fiub":
+        raise GitoolError(f"refused: {where} has dtype {dtype}; expected real numbers (float, int or bool), and "
+                          "object arrays would need unpickling, which could run code")
+    count = int(np.prod(shape, dtype=object)) if shape else 1
+    if count * dtype.itemsize > size:
+        raise GitoolError(f"{where}: its header claims {count * dtype.itemsize} bytes in a member of {size}")
+    data = member.read(count * dtype.itemsize)
+    if len(data) != count * dtype.itemsize:
+        raise GitoolError(f"{where} is cut short")
+    array = np.frombuffer(data, dtype=dtype, count=count)
+    return array.reshape(shape[::-1]).T.copy() if fortran else array.reshape(shape).copy()
 
 
 def _list_names(path: Path, part: str, count: int, layout: ModelLayout) -> list[str]:
@@ -437,7 +494,7 @@ def export_paths(output: str | Path, fmt: str, kind: str) -> dict[str, Path]:
     return paths
 
 
-def export_update(update: Update, output: str | Path, fmt: str | None = None) -> dict[str, Path]:
+def export_update(update: Update, output: str | Path, fmt: str | None = None, check=None) -> dict[str, Path]:
     """Write ``update`` for other tools: a ``torch.save`` bundle of plain tensors
     (loadable with ``weights_only=True``) or Flower-style ``.npz`` lists, plus a JSON
     facts file. Every file's bytes are made before the first is written."""
@@ -456,6 +513,8 @@ def export_update(update: Update, output: str | Path, fmt: str | None = None) ->
     if update.kind == "delta":
         parts["after"] = {name: before[name] + values[name] for name in layout.parameters}
     paths = export_paths(output, fmt, update.kind)
+    if check is not None:  # the caller refuses outputs that are inputs, before any work
+        check(paths)
     contents: dict[Path, bytes] = {
         paths["facts"]: (json.dumps(_jsonable(facts_of(update)), indent=2) + "\n").encode()}
     if fmt == "pt":

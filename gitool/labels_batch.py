@@ -5,9 +5,9 @@ idlg, yin, llg, llg+ (``llg_plus``), zlg, ilrg and rlu. Each returns a `LabelOut
 with ``counts`` (K integers summing to N = B x m) and, for a single sample, a one-hot
 ``labels`` row.
 
-Options (from the CLI): ``aux`` (data source spec of labelled auxiliary data, or
-None), ``aux_per_class`` (default 10), ``seed`` (default 0), ``device`` (default cpu),
-``refine_rounds`` (RLU, default 3).
+Options: :class:`CountOptions` (device), :class:`AuxCountOptions` (``aux``, a data
+source spec of labelled auxiliary data; ``aux_per_class``; ``seed``) and
+:class:`RLUOptions` (those and ``refine_rounds``), each with its defaults and constraints.
 
 What the server is assumed to know (methods.md section 0): the global weights, the
 architecture, B, m, the learning rate eta and the optimiser (sgd, momentum with its
@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gitool.specs import MAX_SEED, Interval, check_fields, fact
+
 from gitool.attacks import label_counts as lc
 from gitool.attacks import rlu as rlu_math
 from gitool.errors import UsageError
@@ -31,6 +33,32 @@ from gitool.facts import require_facts
 from gitool.labels import LabelOutcome
 
 SUPPORTED_OPTIMIZERS = ("sgd", "momentum", "fedprox")
+
+
+@dataclass(frozen=True)
+class CountOptions:
+    """Options of the methods that read the update alone."""
+
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        check_fields(self, "options")
+
+
+@dataclass(frozen=True)
+class AuxCountOptions(CountOptions):
+    """Options of the methods that measure statistics on labelled auxiliary data."""
+
+    aux: str | None = None
+    aux_per_class: int = fact(10, Interval(int, 1, 100_000))
+    seed: int = fact(0, Interval(int, 0, MAX_SEED))
+
+
+@dataclass(frozen=True)
+class RLUOptions(AuxCountOptions):
+    """RLU's options: those of the auxiliary methods and the refinement rounds."""
+
+    refine_rounds: int = fact(3, Interval(int, 0, 100))
 
 
 @dataclass
@@ -100,18 +128,13 @@ def output_layer(update, device: str = "cpu", model=None) -> OutputLayer:
                        response, coefficients, training.num_samples, training.batch_size, steps)
 
 
-def raise_if_no_aux(options: dict, method: str) -> None:
-    if not options.get("aux"):
-        raise UsageError(f"--method {method} needs --aux SOURCE (labelled auxiliary data)")
-
-
-def load_aux(update, options: dict, method: str, model=None):
+def load_aux(update, options: AuxCountOptions, method: str, model=None):
     from gitool.aux_stats import aux_statistics
 
-    raise_if_no_aux(options, method)
-    per_class = options.get("aux_per_class")
-    return aux_statistics(update, str(options["aux"]), 10 if per_class is None else int(per_class),
-                          int(options.get("seed") or 0), str(options.get("device") or "cpu"), model=model)
+    if not options.aux:
+        raise UsageError(f"--method {method} needs --aux SOURCE (labelled auxiliary data)")
+    return aux_statistics(update, str(options.aux), options.aux_per_class, options.seed, options.device,
+                          model=model)
 
 
 def _outcome(method: str, counts: torch.Tensor, started: float, layer: OutputLayer, diagnostics: dict,
@@ -122,22 +145,21 @@ def _outcome(method: str, counts: torch.Tensor, started: float, layer: OutputLay
         labels = torch.zeros(1, counts.numel(), dtype=torch.float64)
         labels[0, int(torch.argmax(counts))] = 1.0
     present = [f"{j}x{int(c)}" if c > 1 else str(j) for j, c in enumerate(counts.tolist()) if c > 0]
-    runtime = time.perf_counter() - started
     diagnostics = {"method": method, "num_samples": layer.total, "batch_size": layer.batch_size,
-                   "steps": layer.steps, "runtime_s": runtime, **diagnostics}
+                   "steps": layer.steps, **diagnostics}
     summary = [f"{method}: {int(counts.sum())} labels over {int((counts > 0).sum())} classes: {' '.join(present)}",
                *(extra_lines or [])]
     return LabelOutcome(method=method, labels=labels, counts=counts, diagnostics=diagnostics, summary=summary)
 
 
-def _device(options: dict) -> str:
-    return str(options.get("device") or "cpu")
+def _device(options: CountOptions) -> str:
+    return options.device
 
 
 # --------------------------------------------------------------------------- methods
 
 
-def idlg(update, options: dict) -> LabelOutcome:
+def idlg(update, options: CountOptions) -> LabelOutcome:
     """iDLG: one sample; the only class whose weight-gradient row sum is negative."""
     started = time.perf_counter()
     layer = output_layer(update, _device(options))
@@ -150,7 +172,7 @@ def idlg(update, options: dict) -> LabelOutcome:
     return _outcome("idlg", counts, started, layer, {"negative_rows": int((row_sums < 0).sum())})
 
 
-def yin(update, options: dict) -> LabelOutcome:
+def yin(update, options: CountOptions) -> LabelOutcome:
     """GradInversion's rule: the N classes with the most negative weight-gradient entry."""
     started = time.perf_counter()
     layer = output_layer(update, _device(options))
@@ -161,7 +183,7 @@ def yin(update, options: dict) -> LabelOutcome:
     return _outcome("yin", lc.yin_counts(layer.weight_grad.cpu(), layer.total), started, layer, {})
 
 
-def llg(update, options: dict) -> LabelOutcome:
+def llg(update, options: CountOptions) -> LabelOutcome:
     """LLG: impact from the gradient itself, no auxiliary data."""
     started = time.perf_counter()
     layer = output_layer(update, _device(options))
@@ -169,7 +191,7 @@ def llg(update, options: dict) -> LabelOutcome:
     return _outcome("llg", counts, started, layer, {})
 
 
-def llg_plus(update, options: dict) -> LabelOutcome:
+def llg_plus(update, options: CountOptions) -> LabelOutcome:
     """LLG+: impact and per-class offsets measured on auxiliary data."""
     started = time.perf_counter()
     layer = output_layer(update, _device(options))
@@ -179,7 +201,7 @@ def llg_plus(update, options: dict) -> LabelOutcome:
     return _outcome("llg+", counts, started, layer, {"aux_size": aux.size})
 
 
-def zlg(update, options: dict) -> LabelOutcome:
+def zlg(update, options: CountOptions) -> LabelOutcome:
     """ZLG: n_j = N (p_bar_j - g_j / O_bar), clipped and rounded to sum to N."""
     started = time.perf_counter()
     layer = output_layer(update, _device(options))
@@ -189,7 +211,7 @@ def zlg(update, options: dict) -> LabelOutcome:
     return _outcome("zlg", lc.largest_remainder(estimate, layer.total), started, layer, {"aux_size": aux.size})
 
 
-def ilrg(update, options: dict) -> LabelOutcome:
+def ilrg(update, options: CountOptions) -> LabelOutcome:
     """iLRG: class-average embeddings and a pseudo-inverse; needs the last-layer bias."""
     started = time.perf_counter()
     layer = output_layer(update, _device(options))
@@ -201,14 +223,14 @@ def ilrg(update, options: dict) -> LabelOutcome:
     return _outcome("ilrg", counts, started, layer, {"residual": residual})
 
 
-def rlu(update, options: dict) -> LabelOutcome:
+def rlu(update, options: CountOptions) -> LabelOutcome:
     """RLU (Chen & Vikalo 2024); see `recover_rlu`."""
     started = time.perf_counter()
     device = _device(options)
     model = update.build_model(dtype=torch.float64, device=device)
     layer = output_layer(update, device, model)
     aux = load_aux(update, options, "rlu", model)
-    counts, diagnostics = recover_rlu(update, layer, aux, model, int(options.get("refine_rounds", 3)))
+    counts, diagnostics = recover_rlu(update, layer, aux, model, options.refine_rounds)
     use_bias = layer.bias is not None
     diagnostics.update(aux_size=aux.size, signal="bias" if use_bias else "weight_row_sums",
                        optimizer=update.training.optimizer)

@@ -2,12 +2,15 @@
 
 ``bias``: the exact path through the last-layer bias; ``lambda``: the structure-prior
 search of Wang et al. (2024) for a classifier without one (or ignoring it). Options:
-``family`` (auto | hard | smoothing | mixup), ``search`` (scan | pso), ``seed``, ``device``.
+:class:`SingleLabelOptions`. The label family prior follows the facts: the family the
+update records is the default, ``--family`` overrides it, and the result records the
+family used.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,9 +19,37 @@ import torch
 from gitool.attacks import soft_label
 from gitool.errors import GitoolError, UsageError
 from gitool.labels import LABEL_METHODS, LabelOutcome
+from gitool.specs import MAX_SEED, Interval, OneOf, Optional_, check_fields, fact
 
-SINGLE_METHODS = ("bias", "lambda")
-BATCH_METHODS = tuple(name for name in LABEL_METHODS if name not in SINGLE_METHODS)
+SINGLE_METHODS = tuple(name for name, m in LABEL_METHODS.items() if m.accepts == ("single",))
+BATCH_METHODS = tuple(name for name, m in LABEL_METHODS.items() if "batch" in m.accepts)
+
+
+@dataclass(frozen=True)
+class SingleLabelOptions:
+    """Options of the single-sample methods. ``family`` None: the family the update
+    records (``auto``, fit smoothing and mixup, when it is an unknown fact)."""
+
+    family: str | None = fact(None, Optional_(OneOf(soft_label.FAMILIES)))
+    search: str = fact("scan", OneOf(soft_label.SEARCHES))
+    seed: int = fact(0, Interval(int, 0, MAX_SEED))
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        check_fields(self, "options")
+
+
+def family_prior(update, options: SingleLabelOptions) -> str:
+    """The prior used: the option, else the recorded family, else auto."""
+    from gitool.facts import unknown_facts
+
+    if options.family is not None:
+        return options.family
+    if "loss_family" in unknown_facts(update):
+        return "auto"
+    return update.loss.family
+
+
 FEATURE_TOLERANCE = 1e-4  # relative gradient residual above which `features` warns
 BIAS_TOLERANCE = 1e-6  # bias path: label structure spread up to this counts as a family fit
 
@@ -29,17 +60,8 @@ def require_single_gradient(update, who: str) -> None:
     what = (f"a {update.kind} of {update.training.steps} local steps" if update.kind == "delta"
             else f"a gradient of a batch of {update.training.batch_size}")
     raise UsageError(f"{who} needs a single-sample gradient (B = 1, one step); {update.path or 'this update'}"
-                     f" is {what}; for labels use a batch method ({', '.join(BATCH_METHODS)})")
-
-
-def parse_options(options: dict[str, Any]) -> tuple[str, str, int, str]:
-    family = str(options.get("family") or "auto")
-    search = str(options.get("search") or "scan")
-    if family not in soft_label.FAMILIES:
-        raise UsageError(f"--family must be one of {', '.join(soft_label.FAMILIES)}, got {family!r}")
-    if search not in soft_label.SEARCHES:
-        raise UsageError(f"--search must be one of {', '.join(soft_label.SEARCHES)}, got {search!r}")
-    return family, search, int(options.get("seed") or 0), str(options.get("device") or "cpu")
+                     f" is {what}, from which no single feature can be read (its labels: gitool labels --method "
+                     f"{', '.join(BATCH_METHODS)})")
 
 
 def _layer_on(update, device: str):
@@ -99,10 +121,9 @@ def _check_label(label: np.ndarray) -> list[str]:
     return []
 
 
-def recover_with_bias(update, options: dict[str, Any]) -> LabelOutcome:
+def recover_with_bias(update, options: SingleLabelOptions) -> LabelOutcome:
     """Exact label from a single-sample gradient through the last-layer bias (no search)."""
-    require_single_gradient(update, "--method bias")
-    family, _, _, device = parse_options(options)
+    family, device = family_prior(update, options), options.device
     started = time.perf_counter()
     weight, bias, weight_grad, bias_grad = _layer_on(update, device)
     if bias is None:
@@ -114,18 +135,18 @@ def recover_with_bias(update, options: dict[str, Any]) -> LabelOutcome:
     seconds = time.perf_counter() - started
     diagnostics = {
         **description, "method": "bias", "lambda": None, "loss": None, "residual": residual,
-        "converged": residual <= FEATURE_TOLERANCE and not _check_label(label_np), "seconds": seconds,
+        "converged": residual <= FEATURE_TOLERANCE and not _check_label(label_np),
         "reason": reason, "warnings": warnings,
     }
     summary = _summary(description, f"exact bias path: gradient residual {residual:.2e}, {1e3 * seconds:.1f} ms")
     return LabelOutcome(method="bias", labels=label.cpu().view(1, -1), counts=_counts(label), diagnostics=diagnostics,
-                        summary=summary + [f"warning: {w}" for w in warnings])
+                        summary=summary + [f"warning: {w}" for w in warnings],
+                        options={"family": family, "search": options.search, "seed": options.seed, "device": device})
 
 
-def recover_with_lambda(update, options: dict[str, Any]) -> LabelOutcome:
+def recover_with_lambda(update, options: SingleLabelOptions) -> LabelOutcome:
     """Label and lambda by the structure-prior search (Wang et al. 2024; methods.md section 1)."""
-    require_single_gradient(update, "--method lambda")
-    family, search, seed, device = parse_options(options)
+    family, search, seed, device = family_prior(update, options), options.search, options.seed, options.device
     started = time.perf_counter()
     weight, bias, weight_grad, _ = _layer_on(update, device)
     recovery = soft_label.recover_soft_label(weight, weight_grad, bias, family=family, search=search, seed=seed,
@@ -134,7 +155,7 @@ def recover_with_lambda(update, options: dict[str, Any]) -> LabelOutcome:
     diagnostics = {
         **recovery.description, "method": "lambda", "search": search, "prior": recovery.prior,
         "lambda": recovery.lam, "row": recovery.row, "loss": recovery.loss, "residual": recovery.residual,
-        "converged": recovery.converged, "ambiguous": recovery.ambiguous, "seconds": seconds,
+        "converged": recovery.converged, "ambiguous": recovery.ambiguous,
         "reason": recovery.reason, "warnings": recovery.warnings, "fits": recovery.fits,
     }
     summary = _summary(recovery.description,
@@ -148,7 +169,8 @@ def recover_with_lambda(update, options: dict[str, Any]) -> LabelOutcome:
                  "title": f"lambda search: {recovery.prior} prior, lambda* = {recovery.lam:.6g}"}
     label = recovery.label.cpu()
     return LabelOutcome(method="lambda", labels=label.view(1, -1), counts=_counts(label), diagnostics=diagnostics,
-                        summary=summary + [f"warning: {w}" for w in recovery.warnings], curve=curve)
+                        summary=summary + [f"warning: {w}" for w in recovery.warnings], curve=curve,
+                        options={"family": family, "search": search, "seed": seed, "device": device})
 
 
 def recover_features(update, labels_result, options: dict[str, Any] | None = None) -> tuple[torch.Tensor, dict]:

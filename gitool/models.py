@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import json
 import os
 import re
 import sys
@@ -62,6 +63,8 @@ class ModelSpec:
     activation: str | None = None
     last_bias: bool = True
     options: dict[str, str] = field(default_factory=dict)
+    # Read from a file (from_dict): a user factory it names is not trusted (see check_trusted).
+    from_file: bool = field(default=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # A shape read back from JSON arrives as a list; keep the declared tuple type.
@@ -96,6 +99,7 @@ class ModelSpec:
             activation=_expect(data, "activation", str, default=None, nullable=True),
             last_bias=_expect(data, "last_bias", bool, default=True),
             options=_expect_options(data.get("options", {})),
+            from_file=True,
         )
 
 
@@ -110,7 +114,7 @@ def _expect(data: dict, key: str, kind: type, default: Any = None, nullable: boo
     if value is None and nullable:
         return None
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise GitoolError(f"model spec field '{key}' must be {kind.__name__}, got {value!r}")
+        raise GitoolError(f"model spec field '{key}' must be {kind.__name__}, got {_short_repr(value)}")
     return value
 
 
@@ -121,7 +125,7 @@ def _expect_shape(value: Any) -> tuple[int, int, int]:
         or len(value) != 3
         or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     ):
-        raise GitoolError(f"model spec field 'input_shape' must be three integers, got {value!r}")
+        raise GitoolError(f"model spec field 'input_shape' must be three integers, got {_short_repr(value)}")
     return (value[0], value[1], value[2])
 
 
@@ -130,8 +134,15 @@ def _expect_options(value: Any) -> dict[str, str]:
     if not isinstance(value, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
     ):
-        raise GitoolError(f"model spec field 'options' must map strings to strings, got {value!r}")
+        raise GitoolError(f"model spec field 'options' must map strings to strings, got {_short_repr(value)}")
+    if len(value) > 64 or any(len(k) > 64 or len(v) > 1000 for k, v in value.items()):
+        raise GitoolError("model spec field 'options' is too long (at most 64 options, values of 1000 characters)")
     return dict(value)
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # --------------------------------------------------------------------------------------
@@ -472,17 +483,83 @@ def build_model(spec: ModelSpec) -> nn.Module:
     return model.float()
 
 
+class TensorShape(NamedTuple):
+    shape: tuple[int, ...]
+    floating: bool
+
+
+def expected_tensors(spec: ModelSpec) -> tuple[dict[str, TensorShape], dict[str, TensorShape]]:
+    """The shapes of the model's ``state_dict()`` entries and of its trainable
+    parameters, without allocating them: the model is built on torch's meta device, so
+    a file that claims a billion classes costs nothing before it is refused."""
+    key = json.dumps(spec.to_dict(), sort_keys=True)
+    if key not in _EXPECTED:
+        try:
+            with torch.device("meta"):
+                model = build_model(spec)
+        except GitoolError:
+            raise
+        except Exception:  # a user factory that cannot build on the meta device: build it for real
+            model = build_model(spec)
+        state = {n: TensorShape(tuple(t.shape), t.is_floating_point()) for n, t in model.state_dict().items()}
+        params = {n: TensorShape(tuple(p.shape), True) for n, p in model.named_parameters()}
+        _EXPECTED[key] = (state, params)
+        names = {id(p): n for n, p in model.named_parameters()}
+        try:
+            layer = last_linear(model)
+            _CLASSIFIER[key] = (names[id(layer.weight)], names.get(id(layer.bias)) if layer.bias is not None else None)
+        except GitoolError:
+            pass  # no classifier: the label methods will say so when they ask
+    return _EXPECTED[key]
+
+
+def classifier_names(spec: ModelSpec) -> tuple[str, str | None]:
+    """The parameter names (weight, bias or None) of the model's classifier, found once
+    per spec on the meta device."""
+    expected_tensors(spec)
+    key = json.dumps(spec.to_dict(), sort_keys=True)
+    if key not in _CLASSIFIER:
+        last_linear(nn.Module())  # raises the one-line "no nn.Linear" error
+    return _CLASSIFIER[key]
+
+
+_EXPECTED: dict[str, tuple[dict[str, TensorShape], dict[str, TensorShape]]] = {}
+_CLASSIFIER: dict[str, tuple[str, str | None]] = {}
+
+
+def cached_model(spec: ModelSpec, dtype: torch.dtype, device: str | torch.device) -> nn.Module:
+    """One built model per (spec, dtype, device) in a process: a command over many
+    updates of one model builds it once and loads each update's weights into it.
+    The caller loads the state; gradients, modes and requires_grad are reset here."""
+    key = (json.dumps(spec.to_dict(), sort_keys=True), str(dtype), str(device))
+    model = _MODELS.get(key)
+    if model is None:
+        model = build_model(spec).to(dtype=dtype)  # cast before loading: float64 weights must not round
+        _MODELS.clear()  # keep one: a folder of updates shares one model, and memory stays bounded
+        _MODELS[key] = model
+    for parameter in model.parameters():
+        parameter.grad = None
+        parameter.requires_grad_(True)
+    return model
+
+
+_MODELS: dict[tuple, nn.Module] = {}
+
+
 def _check_spec(spec: ModelSpec) -> None:
     """Reject specs no builder can honour, with the valid choices in the message."""
     if not is_user_model(spec.name) and spec.name not in MODELS:
         raise UsageError(
-            f"unknown model '{spec.name}'; choose one of {', '.join(MODELS)} or package.module:factory"
+            f"unknown model {spec.name[:80]!r}; choose one of {', '.join(MODELS)} or package.module:factory"
         )
-    if isinstance(spec.num_classes, bool) or not isinstance(spec.num_classes, int) or spec.num_classes < 2:
-        raise UsageError(f"number of classes must be an integer >= 2, got {spec.num_classes!r}")
-    shape = spec.input_shape
-    if len(shape) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape):
-        raise UsageError(f"input shape must be three positive integers C, H, W, got {shape!r}")
+    from gitool.specs import MAX_CLASSES, shape_problem
+
+    if (isinstance(spec.num_classes, bool) or not isinstance(spec.num_classes, int)
+            or not 2 <= spec.num_classes <= MAX_CLASSES):
+        raise UsageError(f"number of classes must be an integer in [2, {MAX_CLASSES}], got {spec.num_classes!r}")
+    wrong = shape_problem(spec.input_shape)
+    if wrong:
+        raise UsageError(f"input shape {wrong}")
     if spec.activation is not None and spec.activation not in ACTIVATIONS:
         raise UsageError(f"unknown activation '{spec.activation}'; choose one of {', '.join(ACTIVATIONS)}")
     if not is_user_model(spec.name):
@@ -493,6 +570,30 @@ def _check_spec(spec: ModelSpec) -> None:
                 f"model '{spec.name}' has no option {', '.join(unknown)}; "
                 f"valid options: {', '.join(sorted(valid))}"
             )
+
+
+# --------------------------------------------------------------------------------------
+# The trust boundary: user code runs only when the user names it
+# --------------------------------------------------------------------------------------
+
+# Factories the user named on the command line (``--model pkg.mod:factory``) or in code.
+_TRUSTED_FACTORIES: set[str] = set()
+
+
+def trust_factory(name: str) -> None:
+    """Allow the user factory ``name`` (``package.module:factory``) to be imported and
+    called, also when a file names it. The CLI calls this for ``--model``; nothing
+    read from a file ever does."""
+    if is_user_model(name):
+        _TRUSTED_FACTORIES.add(name)
+
+
+def check_trusted(spec: ModelSpec, where: str) -> None:
+    """Refuse a spec read from a file (``where``) that names a user factory the user did
+    not name: importing it would run code on the file's word."""
+    if is_user_model(spec.name) and spec.name not in _TRUSTED_FACTORIES:
+        raise UsageError(f"{where} names the model factory {spec.name[:80]!r}, and gitool never imports code "
+                         f"because a file says so; if you trust that module, pass --model {spec.name[:80]}")
 
 
 def build_user_model(spec: ModelSpec) -> nn.Module:
@@ -520,6 +621,8 @@ def build_user_model(spec: ModelSpec) -> nn.Module:
             f"model option(s) {', '.join(clashing)} clash with gitool's own arguments; "
             "use --classes, --image-shape, --activation or --no-bias instead"
         )
+    if spec.from_file and spec.name not in _TRUSTED_FACTORIES:
+        check_trusted(spec, "a file")
     factory = _import_factory(spec.name)
     accepted = _accepted_keywords(factory)
     if accepted is not None:
@@ -536,7 +639,21 @@ def build_user_model(spec: ModelSpec) -> nn.Module:
         raise GitoolError(f"model factory {spec.name} failed: {type(error).__name__}: {error}") from error
     if not isinstance(model, nn.Module):
         raise GitoolError(f"model factory {spec.name} returned {type(model).__name__}, not a torch.nn.Module")
+    model.register_forward_hook(_one_tensor_out(spec.name))
     return model
+
+
+def _one_tensor_out(name: str):
+    """A forward hook that refuses, in one line, a forward() returning anything but the
+    logits tensor (a tuple (logits, features) or a dict, as many published models do)."""
+
+    def check(module: nn.Module, inputs: Any, output: Any) -> None:
+        if not isinstance(output, torch.Tensor):
+            kind = type(output).__name__
+            raise GitoolError(f"model {name}: forward() returns a {kind}, not one tensor of logits; wrap the model "
+                              "so that forward returns the logits only")
+
+    return check
 
 
 def _import_factory(name: str) -> Callable[..., Any]:
@@ -544,7 +661,7 @@ def _import_factory(name: str) -> Callable[..., Any]:
     module_name, _, attribute = name.partition(":")
     if not module_name or not attribute:
         raise UsageError(f"user model '{name}' must look like package.module:factory")
-    with _current_directory_on_path():
+    with _current_directory_on_path(module_name):
         try:
             module = importlib.import_module(module_name)
         except Exception as error:  # ImportError, or whatever the module's own code raised
@@ -558,10 +675,14 @@ def _import_factory(name: str) -> Callable[..., Any]:
 
 
 @contextlib.contextmanager
-def _current_directory_on_path():
-    """Let ``import`` find modules in the current directory, for the duration of the block."""
+def _current_directory_on_path(module_name: str):
+    """Let ``import`` find the named module in the current directory, for the duration of
+    the block, and only when that module (``NAME.py`` or a package ``NAME/``) is there:
+    nothing else is imported from the working directory."""
     cwd = os.getcwd()
-    added = cwd not in sys.path
+    top = module_name.split(".")[0]
+    here = os.path.isfile(os.path.join(cwd, f"{top}.py")) or os.path.isdir(os.path.join(cwd, top))
+    added = here and cwd not in sys.path
     if added:
         sys.path.insert(0, cwd)
     try:

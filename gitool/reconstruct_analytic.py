@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from gitool.attacks.analytic_fc import LinearLayerData, activation_inverse, clas
 from gitool.attacks.soft_label import bias_feature
 from gitool.errors import GitoolError, UsageError
 from gitool.facts import require_facts
+from gitool.specs import Interval, OneOf, check_fields, fact
 from gitool.reconstruct import ReconOutcome
 
 ACTIVATION_MODULES = {nn.ReLU: "relu", nn.LeakyReLU: "leakyrelu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
@@ -203,8 +205,8 @@ def solve_options(options: dict[str, Any]) -> SolveOptions:
     for key, kind in (("tol", float), ("max_iter", int), ("condition_limit", float), ("dense_limit", int)):
         if options.get(key) is not None:
             value = kind(options[key])
-            if value <= 0:
-                raise UsageError(f"--{key.replace('_', '-')} must be positive, got {value}")
+            if not 0 < value < math.inf:  # NaN fails this too
+                raise UsageError(f"--{key.replace('_', '-')} must be positive and finite, got {value}")
             setattr(parsed, key, value)
     return parsed
 
@@ -291,14 +293,34 @@ def _plain(diag: dict) -> dict:
     return clean(diag)
 
 
-def reconstruct_fc(update, labels, features, options: dict, progress=None) -> ReconOutcome:
+@dataclass(frozen=True)
+class AnalyticOptions:
+    """Options of --method fc and conv, each with its default and constraint."""
+
+    solver: str = fact("auto", OneOf(("auto", "dense", "iterative")))
+    constraints: str = fact("auto", OneOf(("auto", "gradient", "both")))
+    tol: float = fact(1e-13, Interval(float, 0.0, None, closed="neither"))
+    max_iter: int = fact(3000, Interval(int, 1, None))
+    condition_limit: float = fact(1e8, Interval(float, 0.0, None, closed="neither"))
+    dense_limit: int = fact(4096, Interval(int, 1, None))
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        check_fields(self, "options")
+
+
+def reconstruct_fc(update, options, labels=None, features=None, progress=None) -> ReconOutcome:
     """Wang et al.'s fully-connected inversion (methods.md section 1)."""
-    return _run("fc", update, labels, features, options, progress, allow_conv=False)
+    return _run("fc", update, labels, features, _as_dict(options), progress, allow_conv=False)
 
 
-def reconstruct_conv(update, labels, features, options: dict, progress=None) -> ReconOutcome:
+def reconstruct_conv(update, options, labels=None, features=None, progress=None) -> ReconOutcome:
     """R-CONV-style inversion of conv stacks with an FC head (methods.md section 2)."""
-    return _run("conv", update, labels, features, options, progress, allow_conv=True)
+    return _run("conv", update, labels, features, _as_dict(options), progress, allow_conv=True)
+
+
+def _as_dict(options) -> dict[str, Any]:
+    return dict(options) if isinstance(options, dict) else asdict(options)
 
 
 def explain(update, method: str) -> list[dict]:

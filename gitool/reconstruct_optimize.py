@@ -22,6 +22,7 @@ Adapter from an update file plus labels / features results to
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from gitool.attacks.gradient_matching import ClientTraining, GradientMatcher, Ma
 from gitool.errors import UsageError
 from gitool.facts import require_facts
 from gitool.reconstruct import ReconOutcome
+from gitool.specs import Interval, OneOf, Optional_, check_fields, fact
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -51,24 +53,31 @@ def parse_layer_weights(value: Any) -> dict[str, float] | None:
     return out
 
 
+def _given(options: dict[str, Any], key: str, default: Any) -> Any:
+    """The option's value, or ``default`` only when it was not given (0 is a value, and
+    an impossible one is refused by MatchConfig.validate, never replaced)."""
+    value = options.get(key)
+    return default if value is None else value
+
+
 def match_config(options: dict[str, Any]) -> MatchConfig:
-    optimizer = str(options.get("optimizer") or "adam")
+    optimizer = str(_given(options, "optimizer", "adam"))
     lbfgs = optimizer == "lbfgs"
     return MatchConfig(
-        distance=str(options.get("distance") or "cosine"),
-        terms=str(options.get("terms") or "g"),
-        feature_weight=float(options.get("feature_weight", 1.0)),
-        tv=float(options.get("tv", 1e-2)),
+        distance=str(_given(options, "distance", "cosine")),
+        terms=str(_given(options, "terms", "g")),
+        feature_weight=float(_given(options, "feature_weight", 1.0)),
+        tv=float(_given(options, "tv", 1e-2)),
         layer_weights=parse_layer_weights(options.get("layer_weights")),
         optimizer=optimizer,
-        iterations=int(options.get("iterations") or (300 if lbfgs else 4800)),
-        lr=float(options.get("lr") or (1.0 if lbfgs else 0.1)),
-        restarts=int(options.get("restarts") or 1),
+        iterations=int(_given(options, "iterations", 300 if lbfgs else 4800)),
+        lr=float(_given(options, "lr", 1.0 if lbfgs else 0.1)),
+        restarts=int(_given(options, "restarts", 1)),
         signed=bool(options.get("signed", False)),
-        lbfgs_inner=int(options.get("lbfgs_inner") or 20),
+        lbfgs_inner=int(_given(options, "lbfgs_inner", 20)),
         line_search=bool(options.get("line_search", True)),
-        seed=int(options.get("seed") or 0),
-        report_every=max(1, int(options.get("report_every") or 50)),
+        seed=int(_given(options, "seed", 0)),
+        report_every=max(1, int(_given(options, "report_every", 50))),
     )
 
 
@@ -90,7 +99,37 @@ def fixed_labels(update, labels) -> torch.Tensor | None:
     return labels_from_counts(counts, n, float(eps))
 
 
-def reconstruct_optimize(update, labels, features, options: dict[str, Any], progress=None) -> ReconOutcome:
+@dataclass(frozen=True)
+class OptimizeOptions:
+    """Options of --method optimize, each with its default and constraint (None:
+    the optimiser's own default, 4800 Adam or 300 L-BFGS iterations, lr 0.1 or 1)."""
+
+    distance: str = fact("cosine", OneOf(("cosine", "l2")))
+    tv: float = fact(1e-2, Interval(float, 0.0, None))
+    terms: str = fact("g", OneOf(("g", "f", "gf")))
+    feature_weight: float = fact(1.0, Interval(float, 0.0, None))
+    optimizer: str = fact("adam", OneOf(("adam", "lbfgs")))
+    iterations: int | None = fact(None, Optional_(Interval(int, 1, None)))
+    lr: float | None = fact(None, Optional_(Interval(float, 0.0, None, closed="neither")))
+    restarts: int = fact(1, Interval(int, 1, 10_000))
+    signed: bool = False
+    line_search: bool = True
+    joint_labels: bool = False
+    layer_weights: Any = None
+    save_every: int = fact(0, Interval(int, 0, None))
+    save_dir: str | None = None
+    seed: int = fact(0, Interval(int, 0, 2**63 - 1))
+    report_every: int | None = fact(None, Optional_(Interval(int, 1, None)))
+    lbfgs_inner: int | None = fact(None, Optional_(Interval(int, 1, None)))
+    dtype: str = fact("float32", OneOf(("float32", "float64")))
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        check_fields(self, "options")
+
+
+def reconstruct_optimize(update, options, labels=None, features=None, progress=None) -> ReconOutcome:
+    options = dict(options) if isinstance(options, dict) else asdict(options)
     for result in (labels, features):
         if result is not None:
             result.check_source(update)

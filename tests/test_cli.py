@@ -89,9 +89,12 @@ def test_score_warns_when_result_and_truth_come_from_different_updates(run_cli, 
                         update=load_update(tmp_path / "a.update.safetensors"))
     save_result(result, tmp_path / "a.labels.safetensors")
     r = run_cli("score", tmp_path / "a.labels.safetensors", "--truth", tmp_path / "b.truth.safetensors", "--json")
-    assert r.exit_code == 0  # a warning, not a refusal: scoring a re-imported export must still work
+    assert r.exit_code == 1 and "another update" in r.stderr  # scores that look perfect but mean nothing fail
     row = r.json()["files"][0]
     assert "a.update.safetensors" in row["warning"] and "b.update.safetensors" in row["warning"]
+    r = run_cli("score", tmp_path / "a.labels.safetensors", "--truth", tmp_path / "b.truth.safetensors",
+                "--allow-mismatch")
+    assert r.exit_code == 0  # a re-imported export must still be scorable, with the warning
     assert r.stderr.count("warning:") == 1
 
 
@@ -101,7 +104,7 @@ def test_score_warns_when_result_and_truth_come_from_different_updates(run_cli, 
     (["capture", *SMALL, "--data", "digits", "--batch-size", "5000", "-o", "{tmp}/a.safetensors"], 2, "holds only"),
     (["capture", *SMALL, "--mixup", "1", "--label-smoothing", "0.1", "-o", "{tmp}/a.safetensors"], 2, "not both"),
     (["capture", *SMALL, "--optimizer", "adam", "--steps", "2", "-o", "{tmp}/a.safetensors"], 2,
-     "unknown optimizer"),
+     "--optimizer must be one of sgd, momentum, fedprox"),
     (["capture", *SMALL, "-o", "{tmp}/no/such/dir/a.safetensors"], 2, "does not exist"),
     (["capture", *SMALL, "--device", "cuda:0", "-o", "{tmp}/a.safetensors"], 2, "CUDA is not available"),
     (["inspect", "{tmp}/missing.safetensors"], 1, "no such file"),
@@ -109,7 +112,7 @@ def test_score_warns_when_result_and_truth_come_from_different_updates(run_cli, 
     (["score", "{tmp}/garbage.safetensors", "--truth", "{tmp}/garbage.safetensors"], 1, "not a readable"),
     (["capture", *SMALL, "--batch-size", "abc", "-o", "x"], 2, ""),
     (["capture", *SMALL, "--normalize", "nan/1", "-o", "{tmp}/a.safetensors"], 2, "must be finite"),
-    (["capture", *SMALL, "--lr", "nan", "-o", "{tmp}/a.safetensors"], 2, "--lr must be a number"),
+    (["capture", *SMALL, "--lr", "nan", "-o", "{tmp}/a.safetensors"], 2, "--lr must be a finite number > 0"),
     (["train", *SMALL, "--lr", "nan", "-o", "{tmp}/a.safetensors"], 2, "lr > 0"),
     (["capture", "--num-classes", "0", "-o", "{tmp}/a.safetensors"], 2, "number of classes must be"),
     (["capture", *SMALL, "-o", "{tmp}/a.truth.safetensors"], 2, "would both be"),
@@ -184,7 +187,7 @@ def test_folder_and_cifar_sources_through_the_cli(run_cli, tmp_path):
 def test_zero_and_nan_inputs_are_clear_errors(run_cli, tmp_path):
     out = tmp_path / "z.update.safetensors"
     r = run_cli("capture", *SMALL, "--lr", "0", "--steps", "2", "-o", out)
-    assert r.exit_code == 2 and "learning rate" in r.stderr
+    assert r.exit_code == 2 and "--lr must be > 0" in r.stderr
     assert not out.exists()
 
 

@@ -65,7 +65,7 @@ def test_results_point_back_to_their_update(capture_factory, tmp_path):
         (lambda h: h["__metadata__"].update({"gitool.version": "99"}), "newer than this gitool"),
         (lambda h: h["__metadata__"].update({"gitool.kind": "truth"}), "is a truth file"),
         (lambda h: h["__metadata__"].pop("gitool.kind"), "without gitool metadata"),
-        (lambda h: h["__metadata__"].update({"gitool.meta": "{not json"}), "corrupt gitool.meta"),
+        (lambda h: h["__metadata__"].update({"gitool.meta": "{not json"}), "gitool.meta: not valid JSON"),
     ],
 )
 def test_bad_headers_give_one_clear_line(capture_factory, mutate, message):

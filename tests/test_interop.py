@@ -387,7 +387,7 @@ def test_facts_file_toml_with_options_overriding(run_cli, capture_factory, tmp_p
     ("[training]\noptimizer = \"momentum\"\n", "--momentum in (0, 1)"),
     ("[training]\nmomentum = 0.9\n", "without the optimizer"),
     ("[loss]\nlabel_smoothing = 0.1\n", "need 'family'"),
-    ("[loss]\nfamily = \"smoothing\"\n", "label smoothing needs"),
+    ("[loss]\nfamily = \"smoothing\"\n", "smoothing needs exactly one of label_smoothing or label_smoothing_range"),
     ("[input]\nshape = [1, 16, 16]\n", "the facts say input shape (1, 16, 16)"),
     ("[input]\nmean = [0.5]\n", "mean and std together"),
     ("[input]\nmean = [0.5, 0.5]\nstd = [1.0, 1.0]\n", "1 or 3 values"),
@@ -493,7 +493,7 @@ def test_reconstruction_of_the_reimported_update_is_identical(run_cli, capture_f
 
 
 @pytest.mark.parametrize("method,needs", [
-    (("labels", "rlu"), "label counts needs"),
+    (("labels", "rlu"), "--method rlu needs"),
     (("reconstruct", "fc"), "analytic reconstruction needs"),
     (("reconstruct", "optimize"), "--method optimize needs"),
 ])

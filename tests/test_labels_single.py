@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -40,7 +42,7 @@ def test_labels_then_features_recover_the_truth(capture_factory, run_cli, tmp_pa
     assert saved.diagnostics["family"] == "mixup" and saved.diagnostics["converged"]
     assert set(saved.diagnostics["mixup_classes"]) == set(truth.targets[0].tolist())
     assert saved.diagnostics["mixup_coef"] == pytest.approx(min(0.35, 0.65), abs=tolerance)
-    assert saved.source["sha256"] == update.sha256 and saved.options["family"] == "auto"
+    assert saved.source["sha256"] == update.sha256 and saved.options["family"] == "mixup"  # the recorded family, as used
     if not bias:  # the lambda found is 1 / (p_r - y_r) of the truth
         layer = update.last_layer()
         probs = torch.softmax(layer.weight @ truth.features[0].double(), dim=0)
@@ -59,7 +61,8 @@ def test_labels_then_features_recover_the_truth(capture_factory, run_cli, tmp_pa
 def test_smoothing_summary_plot_and_family_choice(capture_factory, run_cli, tmp_path):
     update, truth = capture_factory("m", spec=spec(), config=config(SMOOTH, seed=4))
     plot = tmp_path / "lambda.png"
-    result = run_cli("labels", update.path, "-o", tmp_path / "m.labels.safetensors", "--plot", plot)
+    result = run_cli("labels", update.path, "-o", tmp_path / "m.labels.safetensors", "--plot", plot,
+                     "--family", "auto")  # without it the recorded family (smoothing) is the prior
     assert result.exit_code == 0, result.stderr
     assert "smoothing label, target class" in result.stdout and "eps = 0.2" in result.stdout
     assert "smoothing fits" in result.stdout  # the reason for the family choice
@@ -89,10 +92,11 @@ def test_batch_update_errors_name_the_batch_methods(capture_factory, run_cli, tm
     result = run_cli("labels", update.path, "-o", tmp_path / "b.labels.safetensors", "--method", "lambda")
     assert result.exit_code == 2
     assert "single-sample gradient" in result.stderr and "rlu" in result.stderr and "Traceback" not in result.stderr
-    monkeypatch.setitem(LABEL_METHODS, "rlu", "gitool.no_such_module:rlu")  # as before the batch methods land
-    result = run_cli("labels", update.path, "-o", tmp_path / "b.labels.safetensors")
+    missing = dataclasses.replace(LABEL_METHODS["rlu"], run="gitool.no_such_module:rlu")  # a build without it
+    monkeypatch.setitem(LABEL_METHODS, "rlu", missing)
+    result = run_cli("labels", update.path, "-o", tmp_path / "b.labels.safetensors", "--aux", "synthetic")
     assert result.exit_code == 2
-    assert "batch label method" in result.stderr and "idlg" in result.stderr and "rlu" in result.stderr
+    assert "not available" in result.stderr and "idlg" in result.stderr and "rlu" in result.stderr
 
 
 def test_bad_inputs_are_one_line_errors(capture_factory, run_cli, tmp_path):

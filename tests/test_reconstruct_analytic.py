@@ -16,7 +16,7 @@ from gitool.errors import GitoolError
 from gitool.files import (DefenceSpec, InputSpec, LossSpec, TrainingSpec, load_update, new_result, save_result,
                           save_update)
 from gitool.metrics import psnr
-from gitool.models import ModelSpec
+from gitool.models import ModelSpec, trust_factory
 from gitool.reconstruct import reconstruct
 
 
@@ -97,6 +97,7 @@ def user_conv_module(tmp_path, monkeypatch):
     """))
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
+    trust_factory("analytic_user_nets:net")  # the test names it, as --model would
     yield "analytic_user_nets:net"
     sys.modules.pop("analytic_user_nets", None)
 
@@ -207,7 +208,7 @@ def test_a_conv_batch_is_reconstructed_jointly(capture_factory):
 def float32_capture(capture_factory, spec, name="c32", data="samples", smoothing=0.2):
     """What real clients send: a float32 gradient (here with label smoothing 0.2)."""
     config = CaptureConfig(input=InputSpec(shape=spec.input_shape), training=TrainingSpec(dtype="float32"),
-                           loss=LossSpec(label_smoothing=smoothing), defence=DefenceSpec())
+                           loss=LossSpec(family="smoothing", label_smoothing=smoothing), defence=DefenceSpec())
     return capture_factory(name, spec=spec, data=data, config=config)
 
 

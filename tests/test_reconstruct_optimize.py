@@ -97,7 +97,7 @@ def test_bad_inputs_give_clear_errors(smoothing_capture, capture_factory):
         reconstruct(update, labels, features_result(update, truth.features[:, :-1]), "optimize", {"terms": "gf"})
     with pytest.raises(UsageError, match="labels have shape"):
         reconstruct(update, labels_result(update, truth.labels[:, :5]), None, "optimize", {})
-    with pytest.raises(UsageError, match="unknown optimizer"):
+    with pytest.raises(UsageError, match="--optimizer must be one of adam, lbfgs"):
         reconstruct(update, labels, None, "optimize", {"optimizer": "sgd"})
     with pytest.raises(UsageError, match="layer-weights"):
         reconstruct(update, labels, None, "optimize", {"layer_weights": "oops"})

@@ -79,12 +79,19 @@ class MatchConfig:
             raise UsageError(f"unknown terms {self.terms!r}; choose g, f or gf")
         if self.optimizer not in OPTIMIZERS:
             raise UsageError(f"unknown optimizer {self.optimizer!r}; choose adam or lbfgs")
-        if self.iterations < 1 or self.restarts < 1:
-            raise UsageError("iterations and restarts must be at least 1")
+        if self.iterations < 1 or self.restarts < 1 or self.lbfgs_inner < 1:
+            raise UsageError(f"iterations, restarts and inner steps must be at least 1, got {self.iterations}, "
+                             f"{self.restarts} and {self.lbfgs_inner}")
         if not (0 < self.lr < math.inf):
-            raise UsageError("the learning rate must be positive and finite")
-        if self.tv < 0 or self.feature_weight < 0:
-            raise UsageError("--tv and --feature-weight must be non-negative")
+            raise UsageError(f"the learning rate must be positive and finite, got {self.lr}")
+        if not (0 <= self.tv < math.inf and 0 <= self.feature_weight < math.inf):  # NaN fails both
+            raise UsageError(f"--tv and --feature-weight must be finite and non-negative, got {self.tv} and "
+                             f"{self.feature_weight}")
+        if not 0 <= self.seed <= 2**63 - 1:
+            raise UsageError(f"--seed must be in [0, 2**63 - 1], got {self.seed}")
+        weights = self.layer_weights or {}
+        if not all(0 <= w < math.inf for w in weights.values()):
+            raise UsageError("--layer-weights must be finite and non-negative")
 
 
 @dataclass

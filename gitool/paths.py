@@ -1,0 +1,46 @@
+"""No output is an input: every command resolves what it reads and what it will write
+before any work, and refuses an overlap.
+
+Two paths are the same file when they name the same inode (a symlink or a hard link to
+an input counts) or, for an output that does not exist yet, the same resolved path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+from gitool.errors import UsageError
+
+
+def identity(path: Path) -> tuple:
+    """What makes two paths the same file: (device, inode) of an existing file, else
+    the fully resolved path."""
+    try:
+        info = os.stat(path)
+        return ("inode", info.st_dev, info.st_ino)
+    except OSError:
+        return ("path", str(Path(path).resolve()))
+
+
+def refuse_overlap(inputs: Iterable[tuple[str, Path | None]], outputs: Iterable[tuple[str, Path | None]]) -> None:
+    """Refuse any output that is one of the inputs or another output.
+
+    Each item is (what, path): ``what`` names it in the message (an option such as
+    ``--png``, or "the update"); None paths are skipped."""
+    seen: dict[tuple, str] = {}
+    for what, path in inputs:
+        if path is not None:
+            seen.setdefault(identity(Path(path)), f"{what} {path}")
+    written: dict[tuple, str] = {}
+    for what, path in outputs:
+        if path is None:
+            continue
+        key = identity(Path(path))
+        if key in seen:
+            raise UsageError(f"{what} {path} is also an input ({seen[key]}); gitool never writes over what it reads: "
+                             "choose another output")
+        if key in written:
+            raise UsageError(f"{what} {path} and {written[key]} are the same file; give each output its own name")
+        written[key] = f"{what} {path}"
