@@ -946,8 +946,8 @@ def labels(
     options = {"family": family, "search": search, "seed": seed, "device": device, "aux": aux,
                "aux_per_class": aux_per_class}
     for entry in ([LABEL_METHODS[method]] if method != "auto" else LABEL_METHODS.values()):
-        if method != "auto" or not entry.needs_aux:
-            entry.parse_options(options)  # impossible values fail before any file is read
+        # impossible values fail before any file is read, whichever method auto will pick
+        entry.parse_options(options, require_aux=method != "auto")
     paths = expand_inputs(updates, "update")
     if output is not None and out_dir is not None:
         raise UsageError("give -o/--output FILE for one update or --out-dir DIR for many, not both")
@@ -1290,6 +1290,7 @@ def export_command(
 
     trust_models(model)
     check_output(output)
+    refuse_overlap([("the update", update_file)], [("--output", output)])  # also when -o only names a stem
     written = export_update(load_update(update_file), output, fmt,
                             check=lambda paths: refuse_overlap([("the update", update_file)],
                                                                [(f"the {part} file", p) for part, p in paths.items()]))

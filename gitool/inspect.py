@@ -18,9 +18,17 @@ import torch
 from gitool.errors import GitoolError
 
 
+STATS_LIMIT = 256 << 20  # bytes: larger tensors are listed, not read
+
+
 def tensor_stats(handle, name: str) -> dict[str, Any]:
-    """Shape, dtype, L2 norm, min and max of one tensor, read piece by piece."""
+    """Shape, dtype, L2 norm, min and max of one tensor, read piece by piece (None for
+    a tensor over :data:`STATS_LIMIT`, which inspect lists without reading)."""
     entry = handle.entries[name]
+    if entry.nbytes > STATS_LIMIT:
+        return {"name": name, "shape": list(entry.shape), "dtype": str(entry.torch_dtype).replace("torch.", ""),
+                "norm": None, "min": None, "max": None, "not_read": f"{entry.nbytes} bytes, over the "
+                f"{STATS_LIMIT >> 20} MiB inspect reads"}
     squares, low, high = 0.0, math.inf, -math.inf
     for piece in handle.chunks(name):
         values = piece.to(torch.float64)
