@@ -892,6 +892,8 @@ def reconstruct(
     document = {"output": str(output), "png": str(png) if png else None, "method": method, "seconds": seconds,
                 "images": list(outcome.images.shape), "diagnostics": outcome.diagnostics}
     if json_output:
+        for line in outcome.diagnostics.get("warnings", []):
+            err.print(line, highlight=False)
         emit_json(document)
         return
     if outcome.diagnostics.get("layers"):
