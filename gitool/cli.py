@@ -206,19 +206,100 @@ def parse_normalization(text: str, channels: int) -> tuple[tuple[float, ...], tu
 
 
 # Model options shared by capture, train and import.
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model: a registry name (see `gitool models`) "
-                     "or a user factory `package.module:callable` (importing it runs that module's code).", rich_help_panel="model")]
-NumClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", "-K", help="Number of classes K.", rich_help_panel="model")]
-ImageSizeOpt = Annotated[Optional[str], typer.Option("--image-size", help="Input size: S (3xSxS) or CxHxW.", rich_help_panel="model")]
-ActivationOpt = Annotated[Optional[str], typer.Option("--activation",
-                          help="relu | leakyrelu | sigmoid | tanh (default: the model's own).", rich_help_panel="model")]
-NoBiasOpt = Annotated[Optional[bool], typer.Option("--bias/--no-bias", help="A bias on the last (classifier) layer, "
-                     "or none; default: as the model's paper (`gitool models`).", rich_help_panel="model")]
-InitOpt = Annotated[Optional[str], typer.Option("--init", help="uniform (all parameters U(-0.5, 0.5), DLG's "
-                    "untrained setting) | default (PyTorch's) | a checkpoint file (.safetensors, or .pt loaded "
-                    "weights-only); default: as the model's paper (`gitool models`).", rich_help_panel="model")]
-ModelOptOpt = Annotated[Optional[list[str]], typer.Option("--model-opt", help="Model-specific KEY=VALUE, repeatable "
-                        "(e.g. channels=77,22,3,3 for rconv-lenet, widths=4096,1024,256 for fcn4).", rich_help_panel="model")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m",
+    help="Model: a registry name (see `gitool models`) or a user factory `package.module:callable` (importing "
+         "it runs that module's code).",
+    rich_help_panel="model")]
+NumClassesOpt = Annotated[Optional[int], typer.Option(
+    "--num-classes", "-K",
+    help="Number of classes K.",
+    rich_help_panel="model")]
+ImageSizeOpt = Annotated[Optional[str], typer.Option(
+    "--image-size",
+    help="Input size: S (3xSxS) or CxHxW.",
+    rich_help_panel="model")]
+ActivationOpt = Annotated[Optional[str], typer.Option(
+    "--activation",
+    help="relu | leakyrelu | sigmoid | tanh (default: the model's own).",
+    rich_help_panel="model")]
+NoBiasOpt = Annotated[Optional[bool], typer.Option(
+    "--bias/--no-bias",
+    help="A bias on the last (classifier) layer, or none; default: as the model's paper (`gitool models`).",
+    rich_help_panel="model")]
+InitOpt = Annotated[Optional[str], typer.Option(
+    "--init",
+    help="uniform (all parameters U(-0.5, 0.5), DLG's untrained setting) | default (PyTorch's) | a checkpoint "
+         "file (.safetensors, or .pt loaded weights-only); default: as the model's paper (`gitool models`).",
+    rich_help_panel="model")]
+ModelOptOpt = Annotated[Optional[list[str]], typer.Option(
+    "--model-opt",
+    help="Model-specific KEY=VALUE, repeatable (e.g. channels=77,22,3,3 for rconv-lenet, widths=4096,1024,256 "
+         "for fcn4).",
+    rich_help_panel="model")]
+# Training, loss, defence and input facts: declared once, shared by capture and import
+# (capture gives them defaults, import leaves an option nobody gave unknown).
+BatchSizeOpt = Annotated[Optional[int], typer.Option(
+    "--batch-size", "-B",
+    help="Samples per local step (B).",
+    rich_help_panel="local training")]
+StepsOpt = Annotated[Optional[int], typer.Option(
+    "--steps",
+    help="Local steps m (m > 1 sends the update delta).",
+    rich_help_panel="local training")]
+LrOpt = Annotated[Optional[float], typer.Option(
+    "--lr",
+    help="Local learning rate eta.",
+    rich_help_panel="local training")]
+OptimizerOpt = Annotated[Optional[str], typer.Option(
+    "--optimizer",
+    help="sgd | momentum | fedprox.",
+    rich_help_panel="local training")]
+MomentumOpt = Annotated[Optional[float], typer.Option(
+    "--momentum",
+    help="Momentum for --optimizer momentum.",
+    rich_help_panel="local training")]
+ProxMuOpt = Annotated[Optional[float], typer.Option(
+    "--prox-mu",
+    help="FedProx mu for --optimizer fedprox.",
+    rich_help_panel="local training")]
+WeightDecayOpt = Annotated[Optional[float], typer.Option(
+    "--weight-decay",
+    help="L2 weight decay in local steps.",
+    rich_help_panel="local training")]
+ModeOpt = Annotated[Optional[str], typer.Option(
+    "--mode",
+    help="Model mode in local training: train | eval (batch norm).",
+    rich_help_panel="local training")]
+LabelSmoothingOpt = Annotated[Optional[str], typer.Option(
+    "--label-smoothing",
+    help="Label smoothing eps, or a range LO:HI drawn per sample.",
+    rich_help_panel="labels the client trained on")]
+MixupOpt = Annotated[Optional[float], typer.Option(
+    "--mixup",
+    help="Mixup with coefficient ~ Beta(ALPHA, ALPHA) per sample, partner of another class.",
+    rich_help_panel="labels the client trained on")]
+MixupCoefOpt = Annotated[Optional[float], typer.Option(
+    "--mixup-coef",
+    help="Mixup with a fixed coefficient C.",
+    rich_help_panel="labels the client trained on")]
+DpClipOpt = Annotated[Optional[float], typer.Option(
+    "--dp-clip",
+    help="DP-SGD: clip per-sample gradients to C.",
+    rich_help_panel="defences")]
+DpNoiseOpt = Annotated[Optional[float], typer.Option(
+    "--dp-noise",
+    help="DP-SGD: noise multiplier sigma (noise std sigma x C).",
+    rich_help_panel="defences")]
+PruneOpt = Annotated[Optional[float], typer.Option(
+    "--prune",
+    help="Zero this fraction of each tensor's smallest entries (top-k pruning).",
+    rich_help_panel="defences")]
+NormalizeOpt = Annotated[Optional[str], typer.Option(
+    "--normalize",
+    help="none | half | cifar10 | cifar100 | imagenet | MEAN/STD (comma lists); capture: default the --init "
+         "checkpoint's, else none.",
+    rich_help_panel="private data")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout, nothing else.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, cuda:1 ...")]
 LABEL_METHOD_HELP = __import__("gitool.labels", fromlist=["METHOD_HELP"]).METHOD_HELP
@@ -341,35 +422,27 @@ def capture(
     model_opt: ModelOptOpt = None,
     data: Annotated[str, typer.Option("--data", "-d", help="Data source: synthetic, digits, samples, folder:PATH, "
                     "cifar10:PATH, cifar100:PATH.", rich_help_panel="private data")] = "synthetic",
-    normalize: Annotated[Optional[str], typer.Option("--normalize", help="none | half | cifar10 | cifar100 | "
-                         "imagenet | MEAN/STD (comma lists); default: the --init checkpoint's, else none.", rich_help_panel="private data")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-B", help="Samples per local step (B).", rich_help_panel="local training")] = 1,
-    steps: Annotated[int, typer.Option("--steps", help="Local steps m (m > 1 sends the update delta).", rich_help_panel="local training")] = 1,
-    lr: Annotated[float, typer.Option("--lr", help="Local learning rate eta.", rich_help_panel="local training")] = 0.01,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="sgd | momentum | fedprox.", rich_help_panel="local training")] = "sgd",
-    momentum: Annotated[float, typer.Option("--momentum", help="Momentum for --optimizer momentum.", rich_help_panel="local training")] = 0.9,
-    prox_mu: Annotated[float, typer.Option("--prox-mu", help="FedProx mu for --optimizer fedprox.", rich_help_panel="local training")] = 0.0,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="L2 weight decay in local steps.", rich_help_panel="local training")] = 0.0,
-    label_smoothing: Annotated[Optional[str], typer.Option("--label-smoothing", help="Label smoothing eps, or a "
-                               "range LO:HI drawn per sample.", rich_help_panel="labels the client trained on")] = None,
-    mixup: Annotated[Optional[float], typer.Option("--mixup", help="Mixup with coefficient ~ Beta(ALPHA, ALPHA) "
-                     "per sample, partner of another class.", rich_help_panel="labels the client trained on")] = None,
-    mixup_coef: Annotated[Optional[float], typer.Option("--mixup-coef", help="Mixup with a fixed coefficient C.", rich_help_panel="labels the client trained on")]
-    = None,
-    dp_clip: Annotated[Optional[float], typer.Option("--dp-clip", help="DP-SGD: clip per-sample gradients to C.", rich_help_panel="defences")]
-    = None,
-    dp_noise: Annotated[Optional[float], typer.Option("--dp-noise", help="DP-SGD: noise multiplier sigma "
-                        "(noise std sigma x C).", rich_help_panel="defences")] = None,
-    prune: Annotated[Optional[float], typer.Option("--prune", help="Zero this fraction of each tensor's smallest "
-                     "entries (top-k pruning).", rich_help_panel="defences")] = None,
+    normalize: NormalizeOpt = None,
+    batch_size: BatchSizeOpt = 1,
+    steps: StepsOpt = 1,
+    lr: LrOpt = 0.01,
+    optimizer: OptimizerOpt = "sgd",
+    momentum: MomentumOpt = 0.9,
+    prox_mu: ProxMuOpt = 0.0,
+    weight_decay: WeightDecayOpt = 0.0,
+    label_smoothing: LabelSmoothingOpt = None,
+    mixup: MixupOpt = None,
+    mixup_coef: MixupCoefOpt = None,
+    dp_clip: DpClipOpt = None,
+    dp_noise: DpNoiseOpt = None,
+    prune: PruneOpt = None,
     indices: Annotated[Optional[str], typer.Option("--indices", help="Exact item indices, comma-separated (B x m).", rich_help_panel="private data")]
     = None,
     classes: Annotated[Optional[str], typer.Option("--classes", help="Classes, comma-separated: one per sample, "
                        "or a pool to draw from.", rich_help_panel="private data")] = None,
     dirichlet: Annotated[Optional[float], typer.Option("--dirichlet", help="Class mix ~ Dirichlet(ALPHA) "
                          "(heterogeneous client).", rich_help_panel="private data")] = None,
-    mode: Annotated[str, typer.Option("--mode", help="Model mode in local training: train | eval "
-                    "(batch norm).", rich_help_panel="local training")] = "train",
+    mode: ModeOpt = "train",
     dtype: Annotated[str, typer.Option("--dtype", help="float32 | float64 (analytic attacks are exact "
                      "in float64).", rich_help_panel="local training")] = "float32",
     send: Annotated[Optional[str], typer.Option("--send", help="gradient | delta (default: gradient for one "
@@ -1193,33 +1266,25 @@ def import_command(
     activation: ActivationOpt = None,
     bias: NoBiasOpt = None,
     model_opt: ModelOptOpt = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-B", help="Samples per local step.", rich_help_panel="local training")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Local steps m.", rich_help_panel="local training")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Local learning rate.", rich_help_panel="local training")] = None,
-    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="sgd | momentum | fedprox.", rich_help_panel="local training")] = None,
-    momentum: Annotated[Optional[float], typer.Option("--momentum", help="Momentum of --optimizer momentum.", rich_help_panel="local training")]
-    = None,
-    prox_mu: Annotated[Optional[float], typer.Option("--prox-mu", help="FedProx mu of --optimizer fedprox.", rich_help_panel="local training")]
-    = None,
-    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="L2 weight decay in local "
-                            "steps.", rich_help_panel="local training")] = None,
-    mode: Annotated[Optional[str], typer.Option("--mode", help="Model mode in local training: train | eval.", rich_help_panel="local training")]
-    = None,
+    batch_size: BatchSizeOpt = None,
+    steps: StepsOpt = None,
+    lr: LrOpt = None,
+    optimizer: OptimizerOpt = None,
+    momentum: MomentumOpt = None,
+    prox_mu: ProxMuOpt = None,
+    weight_decay: WeightDecayOpt = None,
+    mode: ModeOpt = None,
     hard_labels: Annotated[bool, typer.Option("--hard-labels", help="The client trained on plain one-hot "
                            "labels.", rich_help_panel="labels the client trained on")] = False,
-    label_smoothing: Annotated[Optional[str], typer.Option("--label-smoothing", help="Label smoothing eps, or "
-                               "a range LO:HI drawn per sample.", rich_help_panel="labels the client trained on")] = None,
-    mixup: Annotated[Optional[float], typer.Option("--mixup", help="Mixup with coefficient ~ Beta(ALPHA, ALPHA).", rich_help_panel="labels the client trained on")]
-    = None,
-    mixup_coef: Annotated[Optional[float], typer.Option("--mixup-coef", help="Mixup with a fixed coefficient.", rich_help_panel="labels the client trained on")]
-    = None,
-    normalize: Annotated[Optional[str], typer.Option("--normalize", help="none | half | cifar10 | cifar100 | "
-                         "imagenet | MEAN/STD (comma lists).", rich_help_panel="private data")] = None,
+    label_smoothing: LabelSmoothingOpt = None,
+    mixup: MixupOpt = None,
+    mixup_coef: MixupCoefOpt = None,
+    normalize: NormalizeOpt = None,
     no_defence: Annotated[bool, typer.Option("--no-defence", help="The client applied no DP noise and no "
                           "pruning.", rich_help_panel="defences")] = False,
-    dp_clip: Annotated[Optional[float], typer.Option("--dp-clip", help="DP-SGD clipping norm C.", rich_help_panel="defences")] = None,
-    dp_noise: Annotated[Optional[float], typer.Option("--dp-noise", help="DP-SGD noise multiplier.", rich_help_panel="defences")] = None,
-    prune: Annotated[Optional[float], typer.Option("--prune", help="Top-k pruning fraction.", rich_help_panel="defences")] = None,
+    dp_clip: DpClipOpt = None,
+    dp_noise: DpNoiseOpt = None,
+    prune: PruneOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
     """Turn weights saved by another federated-learning stack into an update file gitool attacks.
