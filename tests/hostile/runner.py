@@ -31,7 +31,9 @@ from pathlib import Path
 
 from tests.hostile import corpus
 
-REPO = Path(__file__).resolve().parents[2]
+# The checkout whose gitool the fresh processes run (HOSTILE_GITOOL_ROOT: another one, e.g. an
+# older commit, to see these tests fail where the code does)
+REPO = Path(os.environ.get("HOSTILE_GITOOL_ROOT") or Path(__file__).resolve().parents[2])
 INPROC_TIMEOUT_S = 30
 CHILD_TIMEOUT_S = 300  # wall clock, a backstop only: a hang is judged by IDLE_S
 IDLE_S = 8  # a child that uses no CPU for this long is blocked: a hang
