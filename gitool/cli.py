@@ -212,9 +212,11 @@ NumClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", "-K", hel
 ImageSizeOpt = Annotated[Optional[str], typer.Option("--image-size", help="Input size: S (3xSxS) or CxHxW.", rich_help_panel="model")]
 ActivationOpt = Annotated[Optional[str], typer.Option("--activation",
                           help="relu | leakyrelu | sigmoid | tanh (default: the model's own).", rich_help_panel="model")]
-NoBiasOpt = Annotated[bool, typer.Option("--no-bias", help="No bias on the last (classifier) layer.", rich_help_panel="model")]
-InitOpt = Annotated[str, typer.Option("--init", help="uniform (all parameters U(-0.5, 0.5), the papers' untrained "
-                    "setting) | default (PyTorch's) | a checkpoint file (.safetensors, or .pt loaded weights-only).", rich_help_panel="model")]
+NoBiasOpt = Annotated[Optional[bool], typer.Option("--bias/--no-bias", help="A bias on the last (classifier) layer, "
+                     "or none; default: as the model's paper (`gitool models`).", rich_help_panel="model")]
+InitOpt = Annotated[Optional[str], typer.Option("--init", help="uniform (all parameters U(-0.5, 0.5), DLG's "
+                    "untrained setting) | default (PyTorch's) | a checkpoint file (.safetensors, or .pt loaded "
+                    "weights-only); default: as the model's paper (`gitool models`).", rich_help_panel="model")]
 ModelOptOpt = Annotated[Optional[list[str]], typer.Option("--model-opt", help="Model-specific KEY=VALUE, repeatable "
                         "(e.g. channels=77,22,3,3 for rconv-lenet, widths=4096,1024,256 for fcn4).", rich_help_panel="model")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout, nothing else.")]
@@ -237,17 +239,23 @@ def trust_models(names: list[str] | None) -> None:
 
 
 def resolve_model(model: str | None, num_classes: int | None, image_size: str | None, activation: str | None,
-                  no_bias: bool, model_opt: list[str] | None, init: str, base=None):
+                  bias: bool | None, model_opt: list[str] | None, init: str | None, base=None):
     """The model spec from the options, the initial weights if ``init`` is a checkpoint,
     and the checkpoint's metadata (its training normalisation, say; {} otherwise).
 
     A gitool checkpoint carries its own spec (else ``base``, a ModelSpec, is the starting
-    point); options given explicitly override it."""
+    point); options given explicitly override it. What nobody gave (``init`` and
+    ``bias`` None, model options) follows the model's paper (models.PAPER_DEFAULTS)."""
     from gitool.files import load_checkpoint
     from gitool.models import ModelSpec, parse_image_shape, parse_model_options
 
+    from gitool.models import PAPER_DEFAULTS
+
     if model is not None:
         trust_models([model])
+    paper = PAPER_DEFAULTS.get(model or (base.name if base is not None else "lenet"))
+    if init is None:  # the model's paper decides, unless a checkpoint or the user does
+        init = paper.init if paper is not None else "default"
     checkpoint = None
     if init not in ("uniform", "default"):
         if not Path(init).exists():
@@ -261,15 +269,19 @@ def resolve_model(model: str | None, num_classes: int | None, image_size: str | 
             num_classes=base.num_classes if num_classes is None else num_classes,
             input_shape=parse_image_shape(image_size) if image_size else tuple(base.input_shape),
             activation=activation or base.activation,
-            last_bias=base.last_bias and not no_bias,
+            last_bias=base.last_bias if bias is None else bias,
             options={**base.options, **options},
             from_file=base.from_file and model is None,
         )
     else:
+        name = model or "lenet"
+        paper = PAPER_DEFAULTS.get(name)
         shape = parse_image_shape(image_size) if image_size else (3, 32, 32)
-        spec = ModelSpec(name=model or "lenet", num_classes=10 if num_classes is None else num_classes,
-                         input_shape=shape, activation=activation, last_bias=not no_bias, options=options)
-    return spec, (checkpoint.state if checkpoint is not None else None), (checkpoint.meta if checkpoint else {})
+        spec = ModelSpec(name=name, num_classes=10 if num_classes is None else num_classes,
+                         input_shape=shape, activation=activation,
+                         last_bias=bias if bias is not None else (paper.last_bias if paper else True),
+                         options={**(paper.options if paper else {}), **options})
+    return spec, (checkpoint.state if checkpoint is not None else None), (checkpoint.meta if checkpoint else {}), init
 
 
 @contextlib.contextmanager
@@ -322,8 +334,8 @@ def capture(
     num_classes: NumClassesOpt = None,
     image_size: ImageSizeOpt = None,
     activation: ActivationOpt = None,
-    no_bias: NoBiasOpt = False,
-    init: InitOpt = "uniform",
+    bias: NoBiasOpt = None,
+    init: InitOpt = None,
     model_opt: ModelOptOpt = None,
     data: Annotated[str, typer.Option("--data", "-d", help="Data source: synthetic, digits, samples, folder:PATH, "
                     "cifar10:PATH, cifar100:PATH.", rich_help_panel="private data")] = "synthetic",
@@ -399,7 +411,7 @@ def capture(
     if optimizer == "fedprox" and prox_mu == 0:
         raise UsageError("--optimizer fedprox needs --prox-mu > 0")
 
-    spec, init_state, checkpoint_meta = resolve_model(model, num_classes, image_size, activation, no_bias, model_opt,
+    spec, init_state, checkpoint_meta, init = resolve_model(model, num_classes, image_size, activation, bias, model_opt,
                                                       init)
     from gitool.models import build_model
 
@@ -433,7 +445,7 @@ def capture(
             raise UsageError(f"the update and the truth would both be {output}; name the update "
                              "STEM.update.safetensors or give another --truth")
         pairs = [(output, truth)]
-    refuse_overlap([("--init", Path(init) if init not in ("uniform", "default") else None)],
+    refuse_overlap([("--init", Path(init) if init not in (None, "uniform", "default") else None)],
                    [(what, path) for pair in pairs for what, path in zip(("the update", "the truth"), pair)])
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -525,7 +537,7 @@ def train(
     num_classes: NumClassesOpt = None,
     image_size: ImageSizeOpt = None,
     activation: ActivationOpt = None,
-    no_bias: NoBiasOpt = False,
+    bias: NoBiasOpt = None,
     init: InitOpt = "default",
     model_opt: ModelOptOpt = None,
     data: Annotated[str, typer.Option("--data", "-d", help="Data source to train on.")] = "synthetic",
@@ -551,9 +563,9 @@ def train(
     check_device(device)
     check_seed(seed)
     check_output(output)
-    refuse_overlap([("--init", Path(init) if init not in ("uniform", "default") else None)], [("--output", output)])
+    refuse_overlap([("--init", Path(init) if init not in (None, "uniform", "default") else None)], [("--output", output)])
     check_settings(epochs=epochs, lr=lr, batch_size=batch_size)
-    spec, init_state, _ = resolve_model(model, num_classes, image_size, activation, no_bias, model_opt, init)
+    spec, init_state, _, _ = resolve_model(model, num_classes, image_size, activation, bias, model_opt, init)
     mean, std = parse_normalization(normalize, spec.input_shape[0])
     torch.manual_seed(seed)
     net = build_model(spec)
@@ -640,6 +652,7 @@ def score(
     for path, truth_path in zip(paths, truth_paths):
         result = load_result(path)
         truth_obj = load_truth(truth_path)
+        _check_truth_fits_its_update(truth_obj)
         row = {"file": str(path), "kind": result.kind, "method": result.method, "truth": str(truth_path),
                **metrics.score(result, truth_obj)}
         mismatch = result.other_update_than(truth_obj)
@@ -688,6 +701,14 @@ def score(
             table.add_row(f"mean of {agg['files']}", "", *(_fmt(agg.get(c)) for c in columns), style="bold")
         out.print(table)
     _refuse_mismatch(mismatched, allow_mismatch)
+
+
+def _check_truth_fits_its_update(truth) -> None:
+    from gitool.files import check_fits_update, pointed_update
+
+    update = pointed_update(truth.meta.get("update"), truth.path)
+    if update is not None:
+        check_fits_update("truth", {n: getattr(truth, n) for n in truth.TENSORS}, update, truth.path)
 
 
 def _refuse_mismatch(mismatched: list[dict], allowed: bool) -> None:
@@ -944,8 +965,8 @@ def labels(
     options = {"family": family, "search": search, "seed": seed, "device": device, "aux": aux,
                "aux_per_class": aux_per_class}
     for entry in ([LABEL_METHODS[method]] if method != "auto" else LABEL_METHODS.values()):
-        if method != "auto" or not entry.needs_aux:
-            entry.parse_options(options)  # impossible values fail before any file is read
+        # impossible values fail before any file is read, whichever method auto will pick
+        entry.parse_options(options, require_aux=method != "auto")
     paths = expand_inputs(updates, "update")
     if output is not None and out_dir is not None:
         raise UsageError("give -o/--output FILE for one update or --out-dir DIR for many, not both")
@@ -1090,14 +1111,14 @@ def list_models(json_output: JsonOpt = False) -> None:
     models = describe_models()
     sources = describe_sources()
     if json_output:
-        emit_json({"models": models, "data": sources})
+        emit_json({"models": [row._asdict() for row in models], "data": sources})
         return
-    table = Table(title="models (--model NAME, or package.module:factory)")
-    for column in ("name", "description", "options"):
-        table.add_column(column)
+    table = Table(title="models (--model NAME, or package.module:factory); init, bias and options as their papers")
+    for column in ("name", "description", "options", "init", "bias", "paper"):
+        table.add_column(column, overflow="fold")
     for row in models:
-        name, description, options = row[0], row[1], row[2] if len(row) > 2 else {}
-        table.add_row(name, description, ", ".join(f"{k}={v}" for k, v in dict(options).items()))
+        table.add_row(row.name, row.description, ", ".join(f"{k}={v}" for k, v in row.options.items()), row.init,
+                      "yes" if row.last_bias else "no", row.paper)
     out.print(table)
     table = Table(title="data sources (--data SPEC)")
     table.add_column("spec")
@@ -1159,7 +1180,7 @@ def import_command(
     num_classes: NumClassesOpt = None,
     image_size: ImageSizeOpt = None,
     activation: ActivationOpt = None,
-    no_bias: NoBiasOpt = False,
+    bias: NoBiasOpt = None,
     model_opt: ModelOptOpt = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-B", help="Samples per local step.", rich_help_panel="local training")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Local steps m.", rich_help_panel="local training")] = None,
@@ -1215,7 +1236,7 @@ def import_command(
         raise UsageError("give --model (the architecture the weights belong to), or a facts file with a model")
     file_shape = file_facts.get("input", {}).get("shape")
     shape_text = image_size or ("x".join(map(str, file_shape)) if file_shape else None)
-    spec, _, _ = resolve_model(model, num_classes, shape_text, activation, no_bias, model_opt, "default",
+    spec, _, _, _ = resolve_model(model, num_classes, shape_text, activation, bias, model_opt, "default",
                                base=base)
     shape_known = shape_text is not None or (base_has_shape and model in (None, base.name))
 
@@ -1288,6 +1309,7 @@ def export_command(
 
     trust_models(model)
     check_output(output)
+    refuse_overlap([("the update", update_file)], [("--output", output)])  # also when -o only names a stem
     written = export_update(load_update(update_file), output, fmt,
                             check=lambda paths: refuse_overlap([("the update", update_file)],
                                                                [(f"the {part} file", p) for part, p in paths.items()]))

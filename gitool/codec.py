@@ -39,7 +39,7 @@ from gitool.errors import GitoolError
 
 HEADER_LIMIT = 8 << 20  # bytes of JSON header; gitool's own headers stay under 1 MiB
 JSON_DEPTH_LIMIT = 64  # nesting of objects and arrays, in the header and in gitool.meta
-CHUNK_BYTES = 16 << 20  # what :meth:`TensorFile.chunks` reads at a time
+CHUNK_BYTES = 4 << 20  # what :meth:`TensorFile.chunks` reads at a time
 
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "F64": (torch.float64, 8),

@@ -411,6 +411,17 @@ def _require_finite(raw: RawFile, names: Iterable[str]) -> None:
             raise GitoolError(f"{raw.path}: tensor '{name}' holds NaN or infinite values")
 
 
+def _require_finite_on_disk(path: Path, names: list[str]) -> None:
+    """Finiteness of tensors not kept in memory, checked piece by piece."""
+    from gitool.codec import TensorFile
+
+    with TensorFile(path, "a gitool file") as handle:
+        for name in names:
+            for piece in handle.chunks(name):
+                if piece.is_floating_point() and not torch.isfinite(piece).all():
+                    raise GitoolError(f"{path}: tensor '{name}' holds NaN or infinite values")
+
+
 def _require_tensors(raw: RawFile, names: Iterable[str]) -> None:
     missing = [n for n in names if n not in raw.entries]
     if missing:
@@ -567,6 +578,12 @@ def load_update(path: str | Path, tensors: str = "all") -> Update:
         unknown = provenance.get("unknown_facts", [])
         if not isinstance(unknown, list) or not all(isinstance(n, str) for n in unknown):
             raise GitoolError(f"{raw.path}: metadata provenance.unknown_facts must be a list of names")
+        from gitool.facts import FACTS
+
+        strange = sorted(n for n in unknown if n not in FACTS)
+        if strange:
+            raise GitoolError(f"{raw.path}: metadata provenance.unknown_facts names no fact "
+                              f"{', '.join(repr(n[:40]) for n in strange[:4])}; facts: {', '.join(FACTS)}")
         parsed.update(kind=kind, spec=spec, provenance=provenance,
                       input=_build_spec(InputSpec, raw, "input"), loss=_build_spec(LossSpec, raw, "loss"),
                       training=_build_spec(TrainingSpec, raw, "training"),
@@ -615,6 +632,8 @@ def load_update(path: str | Path, tensors: str = "all") -> Update:
         raise ValueError(f"tensors must be 'all' or 'classifier', not {tensors!r}")
     raw = read_raw(path, ("update",), expect=expect)
     _require_finite(raw, raw.tensors)
+    if tensors == "classifier":  # the rest stays on disk, but a NaN anywhere still refuses the file
+        _require_finite_on_disk(raw.path, [n for n in raw.entries if n not in raw.tensors])
     prefix = VALUE_PREFIX[parsed["kind"]]
     global_state = {n[len(GLOBAL_PREFIX):]: t for n, t in raw.tensors.items() if n.startswith(GLOBAL_PREFIX)}
     values = {n[len(prefix):]: t for n, t in raw.tensors.items() if n.startswith(prefix)}
@@ -674,6 +693,16 @@ TRUTH_LAYOUT = {
 }
 
 
+# Truth metadata fields and their JSON types ("ints": a list of integers).
+TRUTH_META = {"indices": "ints", "seed": int, "data": str, "family": str, "update_kind": str}
+
+
+def _is(value: Any, kind: Any) -> bool:
+    if kind == "ints":
+        return isinstance(value, list) and all(type(v) is int for v in value)
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
 def load_truth(path: str | Path) -> Truth:
     """Read and validate a truth: exactly its tensors, with shapes that agree (N rows,
     K classes, ...) and dtypes checked from the header before reading; classes in range."""
@@ -696,6 +725,10 @@ def load_truth(path: str | Path) -> Truth:
             if floating != (entry.dtype in ("F32", "F64")):
                 raise GitoolError(f"{raw.path}: tensor '{name}' is {entry.dtype}, expected "
                                   f"{'float32 or float64' if floating else 'int64'}")
+        for key, kind in TRUTH_META.items():
+            value = raw.meta.get(key)
+            if value is not None and not _is(value, kind):
+                raise GitoolError(f"{raw.path}: metadata {key} has the wrong type ({type(value).__name__})")
         pointer = raw.meta.get("update")
         if pointer is not None and not (isinstance(pointer, dict)
                                         and all(isinstance(pointer.get(k), str) for k in ("path", "sha256"))):
@@ -747,6 +780,12 @@ def save_result(result: Result, path: str | Path) -> Path:
     return written
 
 
+# Each result tensor: its number of dimensions and whether it holds floats (else int64),
+# and the range its values must lie in (soft labels are probabilities, images in [0, 1];
+# a small slack admits round-off of the analytic methods).
+RESULT_LAYOUT = {"labels": (2, True), "counts": (1, False), "features": (2, True), "images": (4, True)}
+RESULT_RANGES = {"labels": (-1e-6, 1 + 1e-6), "counts": (0, float("inf")), "images": (-1e-6, 1 + 1e-6)}
+
 RESULT_META = {"method": str, "options": dict, "diagnostics": dict, "source": dict, "wall_time": (int, float)}
 
 
@@ -754,6 +793,20 @@ def load_result(path: str | Path, kinds: Iterable[str] = RESULT_KINDS) -> Result
     def expect(raw: RawFile):
         if not any(name in raw.entries for name in RESULT_TENSORS[raw.kind]):
             raise GitoolError(f"{raw.path}: a {raw.kind} file needs one of: {', '.join(RESULT_TENSORS[raw.kind])}")
+        extra = sorted(set(raw.entries) - set(RESULT_TENSORS[raw.kind]))
+        if extra:
+            raise GitoolError(f"{raw.path}: unexpected tensors {', '.join(n[:60] for n in extra[:6])}")
+        for name, entry in raw.entries.items():
+            dims, floating = RESULT_LAYOUT[name]
+            if len(entry.shape) != dims or (floating != (entry.dtype in ("F32", "F64"))):
+                raise GitoolError(f"{raw.path}: tensor '{name}' is {entry.dtype} {entry.shape}; expected {dims} "
+                                  f"dimensions of {'floats' if floating else 'int64'}")
+            if name != "counts" and entry.shape[0] < 1:
+                raise GitoolError(f"{raw.path}: tensor '{name}' has no rows")
+        if "labels" in raw.entries and "counts" in raw.entries \
+                and raw.entries["labels"].shape[1] != raw.entries["counts"].shape[0]:
+            raise GitoolError(f"{raw.path}: labels of {raw.entries['labels'].shape[1]} classes but counts of "
+                              f"{raw.entries['counts'].shape[0]}")
         for key, kind in RESULT_META.items():
             value = raw.meta.get(key)
             if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
@@ -765,6 +818,10 @@ def load_result(path: str | Path, kinds: Iterable[str] = RESULT_KINDS) -> Result
 
     raw = read_raw(path, kinds, expect=expect)
     _require_finite(raw, raw.tensors)
+    for name, (low, high) in RESULT_RANGES.items():
+        tensor = raw.tensors.get(name)
+        if tensor is not None and tensor.numel() and (float(tensor.min()) < low or float(tensor.max()) > high):
+            raise GitoolError(f"{raw.path}: tensor '{name}' holds values outside [{low:g}, {high:g}]")
     return Result(
         kind=raw.kind,
         tensors=raw.tensors,
@@ -796,7 +853,7 @@ def load_checkpoint(path: str | Path, budget: int | None = None) -> Checkpoint:
     ``budget`` (bytes), when given, refuses a file whose tensors would take more, before
     any is read."""
     from gitool.codec import TensorFile
-    from gitool.models import ModelSpec
+    from gitool.models import ModelSpec, check_trusted, expected_tensors
 
     path = existing_file(path, "a checkpoint")
     if path.suffix in (".pt", ".pth", ".bin"):
@@ -812,12 +869,40 @@ def load_checkpoint(path: str | Path, budget: int | None = None) -> Checkpoint:
         if "gitool.kind" not in handle.metadata:  # a plain state dict, as other tools write it
             within_budget(handle)
             return Checkpoint(model=None, state={name: handle.read(name) for name in handle.entries}, path=path)
-    raw = read_raw(path, ("checkpoint",), expect=lambda raw: within_budget(raw))
+    parsed = {}
+
+    def expect(raw: RawFile) -> None:
+        within_budget(raw)
+        try:
+            spec = ModelSpec.from_dict(_section(raw, "model"))
+        except GitoolError as exc:
+            raise GitoolError(f"{raw.path}: {exc}") from None
+        check_trusted(spec, str(raw.path))
+        normalize = raw.meta.get("normalize")
+        if normalize is not None:
+            if not isinstance(normalize, dict) or set(normalize) != {"mean", "std"}:
+                raise GitoolError(f"{raw.path}: metadata normalize must be an object with mean and std")
+            try:
+                InputSpec(shape=tuple(spec.input_shape), mean=normalize["mean"], std=normalize["std"])
+            except SpecError as exc:
+                raise GitoolError(f"{raw.path}: metadata normalize.{exc.name} {exc.message}") from None
+        try:
+            state, _ = expected_tensors(spec)
+        except GitoolError as exc:
+            raise GitoolError(f"{raw.path}: {exc}") from None
+        missing, extra = sorted(set(state) - set(raw.entries)), sorted(set(raw.entries) - set(state))
+        wrong = [f"{n} {raw.entries[n].shape} vs model {state[n].shape}" for n in sorted(set(state) & set(raw.entries))
+                 if raw.entries[n].shape != state[n].shape]
+        if missing or extra or wrong:
+            problems = ([f"missing {', '.join(missing[:6])}"] if missing else []) + \
+                       ([f"unexpected {', '.join(n[:60] for n in extra[:6])}"] if extra else []) + wrong[:6]
+            raise GitoolError(f"{raw.path}: the weights do not fit the model {spec.name[:80]}: "
+                              + " | ".join(problems))
+        parsed["spec"] = spec
+
+    raw = read_raw(path, ("checkpoint",), expect=expect)
     _require_finite(raw, raw.tensors)
-    try:
-        spec = ModelSpec.from_dict(_section(raw, "model"))
-    except GitoolError as exc:
-        raise GitoolError(f"{raw.path}: {exc}") from None
+    spec = parsed["spec"]
     return Checkpoint(model=spec, state=raw.tensors, meta={k: v for k, v in raw.meta.items() if k != "model"},
                       path=raw.path)
 
@@ -904,3 +989,41 @@ def expand_inputs(items: Iterable[str | Path], kind: str) -> list[Path]:
         else:
             paths.append(item)
     return paths
+
+
+# --------------------------------------------------------------------------- pairs of files
+
+
+def pointed_update(pointer: Any, beside: Path | None) -> Update | None:
+    """The update a result's ``source`` or a truth's ``update`` pointer names, when it can
+    be found (as recorded, or by name beside the pointing file) and its sha256 matches;
+    only its classifier is read. None otherwise: the pointer is information, not a must."""
+    if not isinstance(pointer, dict) or not isinstance(pointer.get("path"), str):
+        return None
+    recorded = Path(pointer["path"])
+    for candidate in (recorded, (beside.parent / recorded.name) if beside is not None else None):
+        if candidate is None or not candidate.is_file():
+            continue
+        if pointer.get("sha256") and file_sha256(candidate) != pointer["sha256"]:
+            continue
+        return load_update(candidate, tensors="classifier")
+    return None
+
+
+def check_fits_update(kind: str, tensors: dict[str, torch.Tensor], update: Update, where: Path | None) -> None:
+    """A result's or truth's tensors against the update they belong to: N samples, K
+    classes, the classifier's feature size d, the input shape."""
+    layer = update.last_layer()
+    k, d = layer.weight.shape
+    n = update.num_samples
+    shapes = {"labels": (None, k), "counts": (k,), "features": (None, d), "images": (None, *update.input.shape),
+              "inputs": (None, *update.input.shape)}
+    for name, want in shapes.items():
+        tensor = tensors.get(name)
+        if tensor is None:
+            continue
+        got = tuple(tensor.shape)
+        rows_ok = len(want) == 1 or got[:1] == (n,)  # one row per sample of the round
+        if len(got) != len(want) or any(w is not None and g != w for g, w in zip(got, want)) or not rows_ok:
+            raise GitoolError(f"{where}: '{name}' of shape {got} does not fit its update {update.path} "
+                              f"({n} samples, K = {k}, d = {d}, input {tuple(update.input.shape)})")

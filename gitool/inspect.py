@@ -18,9 +18,17 @@ import torch
 from gitool.errors import GitoolError
 
 
+STATS_LIMIT = 256 << 20  # bytes: larger tensors are listed, not read
+
+
 def tensor_stats(handle, name: str) -> dict[str, Any]:
-    """Shape, dtype, L2 norm, min and max of one tensor, read piece by piece."""
+    """Shape, dtype, L2 norm, min and max of one tensor, read piece by piece (None for
+    a tensor over :data:`STATS_LIMIT`, which inspect lists without reading)."""
     entry = handle.entries[name]
+    if entry.nbytes > STATS_LIMIT:
+        return {"name": name, "shape": list(entry.shape), "dtype": str(entry.torch_dtype).replace("torch.", ""),
+                "norm": None, "min": None, "max": None, "not_read": f"{entry.nbytes} bytes, over the "
+                f"{STATS_LIMIT >> 20} MiB inspect reads"}
     squares, low, high = 0.0, math.inf, -math.inf
     for piece in handle.chunks(name):
         values = piece.to(torch.float64)
@@ -51,7 +59,8 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
         raw = files._header(handle, None)
         rows = [tensor_stats(handle, name) for name in sorted(handle.entries)]
     try:
-        getattr(files, VALIDATORS[raw.kind])(path)
+        loaded = getattr(files, VALIDATORS[raw.kind])(path)
+        _check_against_its_update(files, raw.kind, loaded)
         problem = None
     except GitoolError as exc:
         problem = str(exc)
@@ -60,6 +69,18 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
         meta = _mark_unknown(meta)
     return {"path": str(raw.path), "kind": raw.kind, "version": raw.version, "producer": raw.producer,
             "metadata": meta, "tensors": rows, "problem": problem}
+
+
+def _check_against_its_update(files, kind: str, loaded) -> None:
+    """A result or a truth whose update can be found must fit it."""
+    if kind in files.RESULT_KINDS:
+        update = files.pointed_update(loaded.source, loaded.path)
+        if update is not None:
+            files.check_fits_update(kind, loaded.tensors, update, loaded.path)
+    elif kind == "truth":
+        update = files.pointed_update(loaded.meta.get("update"), loaded.path)
+        if update is not None:
+            files.check_fits_update(kind, {n: getattr(loaded, n) for n in loaded.TENSORS}, update, loaded.path)
 
 
 def _mark_unknown(meta: dict[str, Any]) -> dict[str, Any]:

@@ -102,7 +102,7 @@ class Method:
     def options_class(self) -> type:
         return _load(self.options)
 
-    def parse_options(self, given: dict[str, Any] | None) -> Any:
+    def parse_options(self, given: dict[str, Any] | None, require_aux: bool = True) -> Any:
         """The options object from ``given`` (keys the method does not declare are
         ignored; None means "not given": the declared default)."""
         from gitool.specs import SpecError
@@ -114,7 +114,7 @@ class Method:
             options = cls(**values)
         except SpecError as exc:
             raise UsageError(f"--{exc.name.replace('_', '-')} {exc.message}") from None
-        if self.needs_aux and not getattr(options, "aux", None):
+        if require_aux and self.needs_aux and not getattr(options, "aux", None):
             raise UsageError(f"--method {self.name} needs --aux SOURCE (labelled auxiliary data)")
         return options
 

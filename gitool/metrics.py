@@ -217,7 +217,25 @@ def score(result, truth) -> dict:
     family the client used: hard, smoothing or mixup)."""
     if result.kind not in SCORERS:
         raise GitoolError(f"cannot score a {result.kind} file")
-    return SCORERS[result.kind](result, truth, str(truth.meta.get("family", "hard")))
+    check_pair(result, truth)
+    family = truth.meta.get("family", "hard")
+    return SCORERS[result.kind](result, truth, family if isinstance(family, str) else "hard")
+
+
+def check_pair(result, truth) -> None:
+    """A result and a truth of the same round: as many samples, classes, feature or
+    image sizes (else their scores would be computed on a silent partial match)."""
+    n = truth.images.shape[0]
+    for name, reference in (("labels", truth.labels), ("features", truth.features), ("images", truth.images)):
+        tensor = result.get(name)
+        if tensor is None:
+            continue
+        if tuple(tensor.shape[1:]) != tuple(reference.shape[1:]) or tensor.shape[0] != n:
+            raise GitoolError(f"{result.path}: '{name}' of shape {tuple(tensor.shape)} does not fit its truth "
+                              f"{truth.path} ({n} samples of {tuple(reference.shape[1:])})")
+    counts = result.get("counts")
+    if counts is not None and counts.shape != truth.counts.shape:
+        raise GitoolError(f"{result.path}: counts of {counts.shape[0]} classes, the truth has {truth.counts.shape[0]}")
 
 
 def aggregate(rows: list[dict], kind: str) -> dict:

@@ -463,6 +463,33 @@ MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {
 }
 
 
+class PaperDefaults(NamedTuple):
+    """How the paper a zoo model comes from sets it up: the initialisation (uniform:
+    every parameter U(-0.5, 0.5) as DLG's code; default: PyTorch's), whether the
+    classifier has a bias, model options, the dtype of its experiments and the source.
+    The command line uses these unless told otherwise; the library's ModelSpec stays
+    explicit."""
+
+    init: str
+    last_bias: bool
+    options: dict[str, str]
+    dtype: str
+    paper: str
+
+
+PAPER_DEFAULTS: dict[str, PaperDefaults] = {
+    "fcn4": PaperDefaults("default", False, {"hidden_bias": "false"}, "float32",
+                          "Wang, Liang, He (ICLR 2024): FCN-4 with PyTorch's init and no biases at all"),
+    "mlp": PaperDefaults("default", True, {}, "float32", "a plain MLP (no paper): PyTorch's init"),
+    "lenet": PaperDefaults("uniform", True, {}, "float32", "DLG / iDLG: LeNet, weights U(-0.5, 0.5)"),
+    "rconv-lenet": PaperDefaults("uniform", True, {}, "float32",
+                                 "R-CONV (Eltaras et al.): DLG's LeNet set-up, weights U(-0.5, 0.5)"),
+    "cnn6": PaperDefaults("uniform", True, {}, "float32", "R-GAP's CNN6 as R-CONV attacks it, weights U(-0.5, 0.5)"),
+    "resnet18": PaperDefaults("default", True, {}, "float32",
+                              "Inverting Gradients (Geiping et al. 2020): ResNet-18 with PyTorch's init"),
+}
+
+
 # --------------------------------------------------------------------------------------
 # Building a model from a spec
 # --------------------------------------------------------------------------------------
@@ -787,19 +814,26 @@ def forward_with_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tens
 
 
 class ModelInfo(NamedTuple):
-    """One row of the model list: name, one-line description, option defaults."""
+    """One row of the model list: name, one-line description, option defaults, and the
+    set-up of its paper (init, classifier bias, dtype, source)."""
 
     name: str
     description: str
     options: dict[str, str]
+    init: str = "uniform"
+    last_bias: bool = True
+    dtype: str = "float32"
+    paper: str = ""
 
 
 def describe_models() -> list[ModelInfo]:
-    """Name, one-line description and option defaults of every zoo model, for help texts."""
-    return [
-        ModelInfo(name, _first_line(builder.__doc__), dict(builder.options))
-        for name, builder in MODELS.items()
-    ]
+    """Name, one-line description, option defaults and paper set-up of every zoo model."""
+    rows = []
+    for name, builder in MODELS.items():
+        paper = PAPER_DEFAULTS[name]
+        rows.append(ModelInfo(name, _first_line(builder.__doc__), {**builder.options, **paper.options}, paper.init,
+                              paper.last_bias, paper.dtype, paper.paper))
+    return rows
 
 
 def _first_line(docstring: str | None) -> str:
