@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from gitool import __version__
+from gitool.attacks.losses import soft_cross_entropy  # noqa: F401  (re-exported: the client's loss)
 from gitool.errors import GitoolError, UsageError
 from gitool.files import DefenceSpec, InputSpec, LossSpec, TrainingSpec, Truth, Update
 
@@ -203,11 +204,6 @@ def apply_label_family(source, indices: np.ndarray, loss: LossSpec, num_classes:
 
 
 # --------------------------------------------------------------------------- training
-
-
-def soft_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of -sum_i y_i log softmax(z)_i."""
-    return -(labels * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
 def _batch_gradient(model, params, inputs, labels, defence: DefenceSpec, generator: torch.Generator):

@@ -304,6 +304,8 @@ def check_seed(seed: int, count: int = 1) -> None:
 
 
 def check_device(device: str) -> None:
+    if device == "cpu":  # no need to start torch for the default
+        return
     import torch
 
     try:
@@ -383,10 +385,6 @@ def capture(
 
     Example: gitool capture --model lenet --data samples --label-smoothing 0.1 -o run/c.update.safetensors
     """
-    from gitool.capture import CaptureConfig, SampleChoice, capture as run_capture
-    from gitool.data import open_source
-    from gitool.files import DefenceSpec, InputSpec, LossSpec, TrainingSpec, save_capture
-
     check_device(device)
     if repeat < 1:
         raise UsageError("--repeat must be at least 1")
@@ -410,6 +408,9 @@ def capture(
         family = "mixup"
     if optimizer == "fedprox" and prox_mu == 0:
         raise UsageError("--optimizer fedprox needs --prox-mu > 0")
+    from gitool.capture import CaptureConfig, SampleChoice, capture as run_capture
+    from gitool.data import open_source
+    from gitool.files import DefenceSpec, InputSpec, LossSpec, TrainingSpec, save_capture
 
     spec, init_state, checkpoint_meta, init = resolve_model(model, num_classes, image_size, activation, bias, model_opt,
                                                       init)
@@ -621,6 +622,8 @@ def score(
 
     Example: gitool score run/c.labels.safetensors --truth run/c.truth.safetensors
     """
+    if truth is None and truth_dir is None:  # before any torch import
+        raise UsageError("give --truth FILE (or --truth-dir DIR for many files)")
     from gitool import metrics
     from gitool.files import RESULT_KINDS, load_result, load_truth, stem_of
 
@@ -837,12 +840,13 @@ def reconstruct(
 
     Example: gitool reconstruct run/c.update.safetensors --labels run/c.labels.safetensors --features run/c.features.safetensors --method fc -o run/c.reconstruction.safetensors --png run/c.png
     """
-    from gitool.files import load_result, load_update, new_result, save_result
     from gitool.reconstruct import RECON_METHODS
     from gitool.reconstruct import reconstruct as run_reconstruction
 
-    if method not in RECON_METHODS:
+    if method not in RECON_METHODS:  # before any torch import: a usage error answers at once
         raise UsageError(f"--method must be one of {', '.join(RECON_METHODS)}, got {method!r}")
+    from gitool.files import load_result, load_update, new_result, save_result
+
     check_device(device)
     check_seed(seed)
     trust_models(model)
@@ -888,6 +892,8 @@ def reconstruct(
     document = {"output": str(output), "png": str(png) if png else None, "method": method, "seconds": seconds,
                 "images": list(outcome.images.shape), "diagnostics": outcome.diagnostics}
     if json_output:
+        for line in outcome.diagnostics.get("warnings", []):
+            err.print(line, highlight=False)
         emit_json(document)
         return
     if outcome.diagnostics.get("layers"):
@@ -954,14 +960,19 @@ def labels(
 
     Example: gitool labels run/c.update.safetensors -o run/c.labels.safetensors   (many: gitool labels runs/ --out-dir out/)
     """
-    from gitool.files import expand_inputs, load_update, new_result, output_name, save_result
     from gitool.labels import LABEL_METHODS
+
+    if method != "auto" and method not in LABEL_METHODS:  # usage errors first: they need no torch
+        raise UsageError(f"--method must be auto or one of {', '.join(LABEL_METHODS)}, got {method!r}")
+    if output is not None and out_dir is not None:
+        raise UsageError("give -o/--output FILE for one update or --out-dir DIR for many, not both")
+    if output is None and out_dir is None:
+        raise UsageError("give -o/--output FILE (or --out-dir DIR for many updates)")
+    from gitool.files import expand_inputs, load_update, new_result, output_name, save_result
 
     check_device(device)
     check_seed(seed)
     trust_models(model)
-    if method != "auto" and method not in LABEL_METHODS:
-        raise UsageError(f"--method must be auto or one of {', '.join(LABEL_METHODS)}, got {method!r}")
     options = {"family": family, "search": search, "seed": seed, "device": device, "aux": aux,
                "aux_per_class": aux_per_class}
     for entry in ([LABEL_METHODS[method]] if method != "auto" else LABEL_METHODS.values()):

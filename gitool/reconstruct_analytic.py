@@ -238,19 +238,45 @@ def _run(method: str, update, labels, features, options, progress, allow_conv: b
                               "convolution: use --method conv")
     deltas = classifier_deltas(classifier.weight.detach(), None if classifier.bias is None else
                                classifier.bias.detach(), feature_rows, label_rows)
-    inputs, layers = invert_network(stages, classifier.weight.detach(), deltas, feature_rows,
-                                    solve_options(options), progress)
+    solve = solve_options(options)
+    solve.precision = update_precision(update)
+    inputs, layers = invert_network(stages, classifier.weight.detach(), deltas, feature_rows, solve, progress)
     images = update.input.denormalize(inputs.reshape(inputs.shape[0], *update.input.shape))
     seconds = time.perf_counter() - started
     diagnostics = {"layers": [_plain(layer) for layer in layers], "seconds": seconds, **info}
     summary = [f"{method}: {len(layers)} layers inverted in {seconds:.2f} s; label-feature consistency "
                f"with the classifier gradient {info['classifier_residual']:.1e}"]
+    flagged = [layer for layer in layers if not layer.get("within_precision", True)]
+    if flagged:
+        # A residual round-off cannot explain: the layer's input (and every layer below it) is
+        # not the client's; written anyway for inspection, but flagged in the file and here.
+        top = flagged[0]
+        also = f" (also flagged: {', '.join(layer['layer'] for layer in flagged[1:])})" if len(flagged) > 1 else ""
+        diagnostics["flagged_layers"] = [layer["layer"] for layer in flagged]
+        diagnostics["warnings"] = [
+            f"warning: {top['layer']}: gradient residual {top['gradient_residual']:.1e} exceeds the "
+            f"{top['residual_limit']:.1e} that {_precision_name(solve.precision)} round-off explains; its input "
+            f"and every layer below are not exact{also}"]
+        summary.extend(diagnostics["warnings"])
     for layer in layers:
         if layer.get("converged") is False:
             summary.append(f"warning: {layer['layer']}: the iterative solver stopped after {layer['iterations']} "
                            f"iterations at relative residual {layer['normal_residual']:.1e} (raise --max-iter)")
     return ReconOutcome(method=method, images=images.clamp(0, 1).to("cpu"), diagnostics=diagnostics,
                         summary=summary)
+
+
+def update_precision(update) -> float:
+    """Machine epsilon of the least precise number the update carries (its gradient or delta
+    and the global weights): float32 for what real clients send."""
+    tensors = list(update.values.values()) + [t for t in update.global_state.values() if t.is_floating_point()]
+    return max((torch.finfo(t.dtype).eps for t in tensors if t.is_floating_point()), default=2.0 ** -52)
+
+
+def _precision_name(precision: float) -> str:
+    names = {torch.finfo(dtype).eps: str(dtype).replace("torch.", "") for dtype in
+             (torch.float64, torch.float32, torch.bfloat16, torch.float16)}
+    return names.get(precision, f"epsilon {precision:.1e}")
 
 
 def _plain(diag: dict) -> dict:

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where tensors are made: checking options needs none
+    import torch
 
 # Bounds that no legitimate round exceeds, so that a header cannot make gitool allocate
 # for a batch, an image or a class count that does not exist.
@@ -190,6 +191,8 @@ class InputSpec:
                                 f"got {len(getattr(self, name))}")
 
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         channels = self.shape[0]
         mean = torch.as_tensor(self.mean, dtype=like.dtype, device=like.device)
         std = torch.as_tensor(self.std, dtype=like.dtype, device=like.device)

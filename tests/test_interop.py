@@ -444,7 +444,8 @@ def test_readme_client_step_imports(run_cli, tmp_path, monkeypatch):
     monkeypatch.delitem(__import__("sys").modules, "mynet", raising=False)
     torch.manual_seed(0)
     runpy.run_path(str(tmp_path / "client_step.py"))
-    command = shlex.split(bash_block.replace("\\\n", " ").splitlines()[0])
+    line = next(line for line in bash_block.replace("\\\n", " ").splitlines() if line.startswith("gitool import"))
+    command = shlex.split(line)
     assert command[:2] == ["gitool", "import"]
     r = run_cli(*command[1:])
     assert r.exit_code == 0, r.stderr

@@ -13,7 +13,9 @@ import torch
 
 from gitool.capture import CaptureConfig
 from gitool.errors import GitoolError
-from gitool.files import DefenceSpec, InputSpec, TrainingSpec, new_result, save_result
+from gitool.files import (DefenceSpec, InputSpec, LossSpec, TrainingSpec, load_update, new_result, save_result,
+                          save_update)
+from gitool.metrics import psnr
 from gitool.models import ModelSpec, trust_factory
 from gitool.reconstruct import reconstruct
 
@@ -201,3 +203,84 @@ def test_a_conv_batch_is_reconstructed_jointly(capture_factory):
     outcome = reconstruct(update, labels, features, "conv", {})
     assert outcome.images.shape[0] == 2
     assert max_error(outcome, truth) < 1e-9
+
+
+def float32_capture(capture_factory, spec, name="c32", data="samples", smoothing=0.2):
+    """What real clients send: a float32 gradient (here with label smoothing 0.2)."""
+    config = CaptureConfig(input=InputSpec(shape=spec.input_shape), training=TrainingSpec(dtype="float32"),
+                           loss=LossSpec(family="smoothing", label_smoothing=smoothing), defence=DefenceSpec())
+    return capture_factory(name, spec=spec, data=data, config=config)
+
+
+ALL_RELU = ModelSpec("rconv-lenet", input_shape=(3, 32, 32), activation="relu", options={"channels": "77,22,3,3"})
+
+
+def test_float32_all_relu_update_reaches_float32_round_off(capture_factory):
+    # Issue 15: the fixed 1e-9 zero rule gave residuals 5.8e-8, 0.38, 0.59, 0.48 and 7.6 dB here.
+    update, truth = float32_capture(capture_factory, ALL_RELU)
+    labels, _ = oracle(update, truth, features=False)
+    outcome = reconstruct(update, labels, None, "conv", {})
+    layers = outcome.diagnostics["layers"]
+    assert all(layer["within_precision"] for layer in layers)
+    assert max(layer["gradient_residual"] for layer in layers) < 1e-6  # measured 3.8e-7 (3 epsilon)
+    assert layers[0]["residual_limit"] == pytest.approx(1e3 * torch.finfo(torch.float32).eps)
+    assert "warnings" not in outcome.diagnostics
+    assert float(psnr(outcome.images.to(torch.float64), truth.images.to(torch.float64)).min()) > 115  # 129.8
+
+
+def test_a_wrong_relu_pattern_is_flagged_with_the_layer_named(capture_factory, monkeypatch):
+    # The old fixed rule, with the re-solve switched off: the result must not pass silently.
+    from gitool.attacks import analytic_conv
+    from gitool.attacks.analytic_fc import relu_active
+
+    monkeypatch.setattr(analytic_conv, "decide_pattern",
+                        lambda name, output, slope, tol, margin=4.0: relu_active(output).to(output.dtype))
+    monkeypatch.setattr(analytic_conv, "repair_pattern", lambda pattern, upstream, low, cands, solve, model, score,
+                        start, limit: (pattern, start[0], start[1], 0))
+    update, truth = float32_capture(capture_factory, ALL_RELU)
+    labels, _ = oracle(update, truth, features=False)
+    outcome = reconstruct(update, labels, None, "conv", {})
+    assert outcome.diagnostics["flagged_layers"][0] == "features.4"
+    warning = outcome.diagnostics["warnings"][0]
+    assert warning.startswith("warning: features.4: gradient residual") and "float32 round-off" in warning
+    assert warning in outcome.summary
+
+
+def test_the_relu_threshold_is_re_solved_when_the_noise_floor_is_misjudged(capture_factory, monkeypatch):
+    # A noise margin 50 times too large counts small activations as zero (features.0's output
+    # has one at 1.6e-5 of its largest): the residual (1e-2) triggers the re-solve, which finds them.
+    from gitool.attacks import analytic_conv
+    from gitool.attacks.activation_pattern import decide_pattern
+
+    monkeypatch.setattr(analytic_conv, "decide_pattern",
+                        lambda name, output, slope, tol, margin=4.0: decide_pattern(name, output, slope, tol,
+                                                                                    50 * margin))
+    update, truth = float32_capture(capture_factory, ALL_RELU)
+    labels, _ = oracle(update, truth, features=False)
+    outcome = reconstruct(update, labels, None, "conv", {})
+    repaired = [layer for layer in outcome.diagnostics["layers"] if "pattern" in layer]
+    assert "features.0" in [layer["layer"] for layer in repaired]
+    assert all(layer["pattern"]["residual_before"] > 1e-3 and layer["within_precision"] for layer in repaired)
+    assert float(psnr(outcome.images.to(torch.float64), truth.images.to(torch.float64)).min()) > 115
+
+
+def test_cli_prints_the_precision_warning_also_with_json(capture_factory, run_cli, tmp_path):
+    spec = ModelSpec("mlp", input_shape=(1, 8, 8), options={"widths": "16"})
+    update, truth = float64_capture(capture_factory, spec, name="noisy")
+    # Relative noise 1e-6 on the gradient: far above what float64 round-off explains.
+    generator = torch.Generator().manual_seed(0)
+    update.values = {name: value * (1 + 1e-6 * torch.randn(value.shape, dtype=value.dtype, generator=generator))
+                     for name, value in update.values.items()}
+    save_update(update, tmp_path / "n.update.safetensors")
+    update = load_update(tmp_path / "n.update.safetensors")
+    labels, features = oracle(update, truth)
+    save_result(labels, tmp_path / "n.labels.safetensors")
+    save_result(features, tmp_path / "n.features.safetensors")
+    args = ("reconstruct", tmp_path / "n.update.safetensors", "-l", tmp_path / "n.labels.safetensors", "-f",
+            tmp_path / "n.features.safetensors", "--method", "fc", "-o", tmp_path / "n.rec.safetensors")
+    plain = run_cli(*args)
+    text = " ".join(plain.stdout.split())  # the terminal wraps long lines
+    assert plain.exit_code == 0 and "warning: features." in text and "float64 round-off explains" in text
+    document = run_cli(*args, "--json")
+    assert document.exit_code == 0 and "float64 round-off" in " ".join(document.stderr.split())
+    assert document.json()["diagnostics"]["flagged_layers"]

@@ -37,7 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
-from gitool.attacks.analytic_fc import activation_derivative, activation_inverse, invert_linear
+from gitool.attacks.activation_pattern import (NOISE_MARGIN, PIECEWISE, decide_pattern, flip_scores,
+                                               repair_pattern)
+from gitool.attacks.analytic_fc import RELU_ZERO_TOL, activation_derivative, activation_inverse, invert_linear
 from gitool.errors import GitoolError
 
 
@@ -88,6 +90,22 @@ class SolveOptions:
     max_iter: int = 3000
     condition_limit: float = 1e8  # above this the system counts as rank-deficient
     dense_limit: int = 4096  # unknowns per dense system; above it the iterative solver is used
+    # Machine epsilon of the update's numbers (float32 for what real clients send): a layer
+    # whose residual exceeds RESIDUAL_FACTOR times it is not explained by round-off.
+    precision: float = 2.0 ** -52
+
+    @property
+    def residual_limit(self) -> float:
+        return RESIDUAL_FACTOR * self.precision
+
+
+# Round-off of a one-step gradient and of the solve stays within a few hundred epsilon in
+# every benchmark row (float32 and float64); a wrong activation pattern or a wrong label
+# gives 1e-3 and more.
+RESIDUAL_FACTOR = 1e3
+
+# ReLU noise-floor margins tried when the first pattern leaves a residual above the limit.
+RETRY_MARGINS = (1.0, 16.0, 1.0 / 16, 256.0, 1.0 / 256)
 
 
 # ----------------------------------------------------------------------------- structure
@@ -204,10 +222,56 @@ def _numerical_rank(normal: torch.Tensor, limit: float) -> int | None:
     return int((eigen > eigen[-1] / limit).sum())
 
 
+# Mixed precision (float32 factor, float64 refinement) for normal matrices at least this big,
+# when cond(A) is at most MIXED_CONDITION_LIMIT: each refinement step then shrinks the error
+# by about eps32 cond(A)^2 <= 0.12, and the answer is the float64 least-squares solution.
+MIXED_MIN_SIZE = 1024
+MIXED_CONDITION_LIMIT = 1e3
+MIXED_MAX_REFINEMENTS = 40
+
+
+def _solve_mixed(normal: torch.Tensor, rhs: torch.Tensor, apply_normal_residual: Callable):
+    """N u = rhs with a float32 Cholesky factor and float64 iterative refinement against the
+    true least-squares residual (half the factorisation time of float64 on CPU). Returns
+    (u, condition) or None where float32 cannot carry the system (singular or cond too high)."""
+    low = normal.to(torch.float32)
+    lower, info = torch.linalg.cholesky_ex(low)
+    if int(info) != 0:
+        return None
+    factors = (lower, lower.T.contiguous())
+    condition = _condition_estimate(low, factors)
+    if condition > MIXED_CONDITION_LIMIT:
+        return None
+
+    def solve(vector):  # scaled so that tiny residuals do not underflow float32
+        scale = float(vector.norm())
+        if scale == 0:
+            return torch.zeros_like(vector)
+        return _cholesky_solve(factors, (vector / scale).to(torch.float32)).to(vector.dtype) * scale
+
+    # float64 residuals carry eps64 ||N|| ||u|| of round-off, so corrections level off near
+    # eps64 cond(A)^2 ||u||: stop there, or when a step no longer halves the correction.
+    floor = 10 * torch.finfo(normal.dtype).eps * condition ** 2
+    solution = solve(rhs)
+    previous = math.inf
+    for _ in range(MIXED_MAX_REFINEMENTS):
+        correction = solve(apply_normal_residual(solution))
+        solution = solution + correction
+        size = float(correction.norm()) / max(float(solution.norm()), 1e-300)
+        if size <= floor or size > 0.5 * previous:
+            return (solution, condition) if size <= max(floor, 1e-10) else None
+        previous = size
+    return None
+
+
 def _solve_normal(normal: torch.Tensor, rhs: torch.Tensor, apply_normal_residual: Callable, limit: float,
                   refinements: int = 2):
     """Cholesky solve of N u = rhs plus refinement with the true least-squares residual.
     Returns (u, condition estimate) or (None, rank) when N is (numerically) singular."""
+    if normal.shape[0] >= MIXED_MIN_SIZE and normal.dtype == torch.float64:
+        mixed = _solve_mixed(normal, rhs, apply_normal_residual)
+        if mixed is not None:
+            return mixed[0], normal.shape[0], mixed[1]
     lower, info = torch.linalg.cholesky_ex(normal)
     cholesky = (lower, lower.T.contiguous())
     condition = math.inf
@@ -255,8 +319,10 @@ def solve_conv_dense(layer: ConvLayerData, deltas: torch.Tensor, targets: torch.
     for channel in range(channels):
         normal[:, channel, :, :, channel, :] = blocks
     normal = normal.reshape(size, size)
+    from scipy import sparse
+
     forward = forward_matrix(layer.weight, index, pixels)
-    known_rows = known.reshape(batch, -1)
+    known_rows = known.reshape(batch, -1)  # 0 where the output gives no row, else the row's weight
     target_rows = targets.reshape(batch, -1)
     # Balance the two blocks so neither dominates the least-squares weighting.
     forward_weight = math.sqrt(float(gram.diagonal().sum()) * channels /
@@ -265,6 +331,9 @@ def solve_conv_dense(layer: ConvLayerData, deltas: torch.Tensor, targets: torch.
     for sample in range(batch):
         active = known_rows[sample].nonzero().flatten()
         rows = forward[active.cpu().numpy()] * forward_weight
+        row_weights = known_rows[sample, active].to(torch.float64).cpu().numpy()
+        if (row_weights != 1).any():  # sigmoid / tanh rows weighted by sigma' (invert_conv_layer)
+            rows = sparse.diags(row_weights) @ rows
         selectors.append((rows, active))
         span = slice(sample * channels * pixels, (sample + 1) * channels * pixels)
         normal[span, span] += torch.from_numpy((rows.T @ rows).toarray()).to(normal.device)
@@ -280,7 +349,7 @@ def solve_conv_dense(layer: ConvLayerData, deltas: torch.Tensor, targets: torch.
         parts = []
         for sample, (rows, active) in enumerate(selectors):
             span = solution[sample * channels * pixels:(sample + 1) * channels * pixels]
-            target = target_rows[sample, active].unsqueeze(1) * forward_weight
+            target = (target_rows[sample, active] * known_rows[sample, active]).unsqueeze(1) * forward_weight
             mismatch = target.cpu().numpy() - rows @ span.cpu().numpy()
             parts.append(torch.from_numpy(rows.T @ mismatch).to(solution.device))
         return grad_part + torch.cat(parts)
@@ -355,13 +424,22 @@ def solve_conv_iterative(layer: ConvLayerData, deltas: torch.Tensor, targets: to
 
 
 def invert_conv_layer(layer: ConvLayerData, deltas: torch.Tensor, output: torch.Tensor, options: SolveOptions,
-                      name: str) -> tuple[torch.Tensor, dict]:
-    """Recover a conv layer's input from its gradient (plus forward rows where needed)."""
+                      name: str, pattern: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Recover a conv layer's input from its gradient (plus forward rows where needed).
+    ``pattern`` (ReLU's decided 0/1 pattern) says which outputs give forward rows."""
     batch = deltas.shape[0]
     pre_activation, known = activation_inverse(layer.activation, output, layer.leaky_slope)
+    if pattern is not None and layer.activation == "relu":
+        known = pattern > 0
     forward_available = bool(known.any())
     counts = structural_counts(layer, batch, int(known.sum()))
     targets = pre_activation - (layer.bias.view(1, -1, 1, 1) if layer.bias is not None else 0.0)
+    weights = known.to(output.dtype)
+    if layer.activation in ("sigmoid", "tanh"):
+        # Forward rows in the output's units: an error d in A is d / sigma' in Z, so a saturated
+        # output's row (sigma' -> 0) would carry the round-off of A amplified without bound.
+        slope = activation_derivative(layer.activation, output).clamp(min=0)
+        weights = weights * slope / max(float(slope.max()), 1e-300)
     channels, height, width = layer.input_shape
     diag = {"layer": name, "kind": "conv", **counts}
 
@@ -401,20 +479,20 @@ def invert_conv_layer(layer: ConvLayerData, deltas: torch.Tensor, output: torch.
         diag["solver"] = solver
         if solver == "dense":
             images, info = solve_conv_dense(layer, deltas, targets if use_forward else None,
-                                            known if use_forward else None, options.condition_limit)
+                                            weights if use_forward else None, options.condition_limit)
             if images is None:
                 diag.setdefault("attempts", []).append({"constraints": mode, **info})
                 continue
         else:
             images, info = solve_conv_iterative(layer, deltas, targets if use_forward else None,
-                                                known if use_forward else None, options.tol, options.max_iter)
+                                                weights if use_forward else None, options.tol, options.max_iter)
             if not info["converged"] and mode != modes[-1]:
                 diag.setdefault("attempts", []).append({"constraints": mode, **info})
                 continue
         gradient_residual = _relative(conv2d_weight(images, tuple(layer.weight.shape), deltas, layer.stride,
                                                     layer.padding), layer.weight_grad)
         produced = F.conv2d(images, layer.weight, None, layer.stride, layer.padding)
-        forward_residual = _relative(produced * known, targets * known) if forward_available else None
+        forward_residual = _relative(produced * weights, targets * weights) if forward_available else None
         if (solver == "iterative" and mode == "gradient" and mode != modes[-1] and forward_residual is not None
                 and forward_residual > FORWARD_CHECK_TOL):
             # CGLS gives no rank: a gradient-only answer that breaks the independent forward
@@ -455,21 +533,100 @@ def invert_network(stages: list[Stage], classifier_weight: torch.Tensor, classif
         stage = stages[position]
         layer = stage.layer
         output = output.reshape(batch, *stage.output_shape)
-        deltas = upstream.reshape(output.shape) * activation_derivative(layer.activation, output, layer.leaky_slope)
-        started = time.perf_counter()
+        upstream = upstream.reshape(output.shape)
+        inputs, deltas, diag = _invert_stage(stage, output, upstream, options)
         if stage.kind == "linear":
-            solve = invert_linear(layer.weight_grad, deltas, what=stage.name)
-            inputs = solve.inputs
-            diag = {"layer": stage.name, "kind": "linear", "unknowns": solve.unknowns,
-                    "gradient_equations": solve.equations, "weight_equations": 0, "rank": solve.rank,
-                    "condition": solve.condition, "gradient_residual": solve.residual, "solver": "dense",
-                    "constraints": "gradient", "seconds": time.perf_counter() - started}
             upstream = deltas @ layer.weight
         else:
-            inputs, diag = invert_conv_layer(layer, deltas, output, options, stage.name)
             upstream = conv2d_input(inputs.shape, layer.weight, deltas, layer.stride, layer.padding)
         diagnostics.append(diag)
         output = inputs.reshape(batch, *stage.input_shape)
         if progress is not None:
             progress(done + 1, len(stages), {"layer": stage.name})
     return output, diagnostics
+
+
+def _invert_stage(stage: Stage, output: torch.Tensor, upstream: torch.Tensor, options: SolveOptions
+                  ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """One layer: decide the activation pattern, solve, and where the residual exceeds what the
+    precision explains, solve for the pattern entries near zero (activation_pattern.py)."""
+    layer = stage.layer
+    piecewise = layer.activation in PIECEWISE
+    pattern = (decide_pattern(layer.activation, output, layer.leaky_slope, RELU_ZERO_TOL) if piecewise
+               else activation_derivative(layer.activation, output, layer.leaky_slope))
+
+    def solve(pattern):
+        deltas = upstream * pattern
+        started = time.perf_counter()
+        if stage.kind == "linear":
+            solved = invert_linear(layer.weight_grad, deltas, what=stage.name)
+            diag = {"layer": stage.name, "kind": "linear", "unknowns": solved.unknowns,
+                    "gradient_equations": solved.equations, "weight_equations": 0, "rank": solved.rank,
+                    "condition": solved.condition, "gradient_residual": solved.residual, "solver": "dense",
+                    "constraints": "gradient", "seconds": time.perf_counter() - started}
+            return solved.inputs, diag
+        return invert_conv_layer(layer, deltas, output, options, stage.name, pattern=pattern)
+
+    inputs, diag = solve(pattern)
+    limit = options.residual_limit
+    if diag.get("solver") == "iterative":
+        # CGLS stops at --tol on the normal equations, not at round-off.
+        limit = max(limit, RESIDUAL_FACTOR * options.tol)
+    if layer.activation in ("sigmoid", "tanh"):
+        # delta = U sigma'(A): a relative error e of A moves it by e A U sigma''(A), so the
+        # residual round-off explains grows by ||A sigma''(A) U|| / ||sigma'(A) U||, large
+        # where outputs saturate (sigma' in terms of A: tanh 1 - A^2, sigmoid A (1 - A)).
+        second = -2 * output if layer.activation == "tanh" else 1 - 2 * output
+        amplification = float((output * second * upstream).norm()) / max(float((pattern * upstream).norm()), 1e-300)
+        diag["activation_amplification"] = amplification
+        limit *= max(1.0, amplification)
+    if piecewise and diag["gradient_residual"] > limit:
+        started = time.perf_counter()
+        first = diag["gradient_residual"]
+        low = 0.0 if layer.activation == "relu" else layer.leaky_slope
+        scale = output.flatten(1).abs().amax(dim=1).view(-1, *([1] * (output.ndim - 1)))
+        # Entries whose recovered output is within the round-off the layer above can explain.
+        band = max(1e4 * options.precision, 1e-9)
+        candidates = output.abs() <= band * scale
+        kind = stage.kind
+        stride = getattr(layer, "stride", (1, 1))
+        padding = getattr(layer, "padding", (0, 0))
+
+        def trial(pattern):
+            answer, info = solve(pattern)
+            return answer, info["gradient_residual"]
+
+        def model_residual(inputs, deltas):
+            if kind == "linear":
+                return layer.weight_grad - deltas.T @ inputs
+            return layer.weight_grad - conv2d_weight(inputs, tuple(layer.weight.shape), deltas, stride, padding)
+
+        def score(inputs, residual, change):
+            return flip_scores(kind, inputs, residual, change, stride, padding)
+
+        best = (pattern, inputs, first, NOISE_MARGIN)
+        if layer.activation == "relu":
+            # First the threshold itself: a noise floor misjudged by the negatives' spread.
+            for margin in RETRY_MARGINS:
+                other = decide_pattern("relu", output, 0.0, RELU_ZERO_TOL, margin)
+                if torch.equal(other, best[0]):
+                    continue
+                try:
+                    answer, value = trial(other)
+                except GitoolError:
+                    continue
+                if value < best[2]:
+                    best = (other, answer, value, margin)
+                if value <= limit:
+                    break
+        pattern, inputs, value, margin = best
+        flipped = 0
+        if value > limit:
+            pattern, inputs, value, flipped = repair_pattern(pattern, upstream, low, candidates, trial,
+                                                             model_residual, score, (inputs, value), limit)
+        inputs, diag = solve(pattern)
+        diag["pattern"] = {"margin": margin, "flipped": flipped, "candidates": int(candidates.sum()),
+                           "residual_before": first, "seconds": time.perf_counter() - started}
+    diag["residual_limit"] = limit
+    diag["within_precision"] = bool(diag["gradient_residual"] <= limit)
+    return inputs, upstream * pattern, diag

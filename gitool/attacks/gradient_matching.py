@@ -9,7 +9,7 @@ the client's training matches the received one. Objective:
   loss (FedSGD), or theta_after - theta_before after simulating the m local steps with
   the recorded lr, momentum, FedProx mu and weight decay (FedAvg inversion); U* the
   received update.
-- The loss is the client's soft-label cross-entropy (`gitool.capture.soft_cross_entropy`)
+- The loss is the client's soft-label cross-entropy (`gitool.attacks.losses.soft_cross_entropy`)
   with the recovered soft label y_hat held fixed, or, with no labels (DLG), with
   y = softmax(l) for learnable logits l optimised jointly with x'.
 - D is ``cosine``: 1 - <U, U*>_w / (|U|_w |U*|_w), inner products and squared norms summed
@@ -43,7 +43,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch.func import functional_call
 
-from gitool.capture import soft_cross_entropy
+from gitool.attacks.losses import soft_cross_entropy
 from gitool.errors import GitoolError, UsageError
 from gitool.models import last_linear
 
@@ -85,13 +85,13 @@ class MatchConfig:
         if not (0 < self.lr < math.inf):
             raise UsageError(f"the learning rate must be positive and finite, got {self.lr}")
         if not (0 <= self.tv < math.inf and 0 <= self.feature_weight < math.inf):  # NaN fails both
-            raise UsageError(f"--tv and --feature-weight must be finite and non-negative, got {self.tv} and "
+            raise UsageError(f"the TV and feature weights must be finite and non-negative, got {self.tv} and "
                              f"{self.feature_weight}")
         if not 0 <= self.seed <= 2**63 - 1:
-            raise UsageError(f"--seed must be in [0, 2**63 - 1], got {self.seed}")
+            raise UsageError(f"the seed must be in [0, 2**63 - 1], got {self.seed}")
         weights = self.layer_weights or {}
         if not all(0 <= w < math.inf for w in weights.values()):
-            raise UsageError("--layer-weights must be finite and non-negative")
+            raise UsageError("layer weights must be finite and non-negative")
 
 
 @dataclass
@@ -181,7 +181,7 @@ class GradientMatcher:
         self.uses_features = config.terms in ("f", "gf")
 
         if config.terms in ("f", "gf") and features is None:
-            raise UsageError(f"--terms {config.terms} needs recovered features (--features)")
+            raise UsageError(f"the terms {config.terms} need the recovered last-layer features")
         if features is not None and features.shape != (self.num_samples, last.in_features):
             raise UsageError(f"features have shape {tuple(features.shape)}; the model needs "
                              f"{self.num_samples} x {last.in_features} (one last-layer input per sample)")
@@ -349,7 +349,7 @@ class GradientMatcher:
                 best = (final, images.detach().clone(), final_labels.clone())
         assert best is not None
         if not math.isfinite(best[0]):
-            raise GitoolError("the optimisation diverged in every restart (non-finite objective); try a smaller --lr")
+            raise GitoolError("the optimisation diverged in every restart (non-finite objective); try a smaller learning rate")
         return MatchOutcome(images=best[1], labels=best[2], loss=best[0], restart_losses=restart_losses,
                             history=history)
 

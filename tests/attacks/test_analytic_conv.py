@@ -126,3 +126,39 @@ def test_iterative_gradient_only_answer_is_checked_against_the_forward_rows():
     assert diag["attempts"][0]["constraints"] == "gradient"
     assert diag["constraints"] == "both"
     assert (recovered - images).abs().max() < 1e-8
+
+
+def test_mixed_precision_normal_solve_matches_float64_and_declines_ill_conditioned_systems():
+    from gitool.attacks.analytic_conv import _solve_mixed
+
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(1500, 1100, dtype=F64, generator=generator)
+    truth = torch.randn(1100, 1, dtype=F64, generator=generator)
+    normal, rhs = rows.T @ rows, rows.T @ (rows @ truth)
+    solution, condition = _solve_mixed(normal, rhs, lambda u: rhs - normal @ u)
+    assert 5 < condition < 20  # cond(A) of a 1500 x 1100 Gaussian matrix: about 10
+    assert float((solution - truth).abs().max()) < 1e-13
+    # cond(A) = 1e6: float32 cannot carry the factor; the float64 path must be used instead.
+    u, _, v = torch.linalg.svd(rows, full_matrices=False)
+    scaled = u @ torch.diag(torch.logspace(0, -6, 1100, dtype=F64)) @ v
+    normal = scaled.T @ scaled
+    assert _solve_mixed(normal, normal @ truth, lambda x: normal @ truth - normal @ x) is None
+
+
+def test_saturated_tanh_outputs_do_not_amplify_the_round_off_of_their_forward_rows():
+    # Weights scaled by 6 saturate many outputs (1 - A^2 down to ~1e-9). A relative error of
+    # 1e-7 in A (float32 round-off) is 1e-7 / (1 - A^2) in atanh(A): rows weighted by 1 - A^2
+    # keep the error of X at 2.4e-5 (unweighted rows: 0.15; CGLS on the weighted rows, not
+    # converged in 3000 iterations: 0.043).
+    layer, images, _, _ = make_layer(filters=3, kernel=3, stride=1, padding=1, activation="tanh")
+    layer.weight = layer.weight * 6
+    output = torch.tanh(F.conv2d(images, layer.weight, layer.bias, 1, 1))
+    generator = torch.Generator().manual_seed(3)
+    upstream = torch.randn(output.shape, dtype=F64, generator=generator)
+    deltas = upstream * (1 - output * output)
+    layer.weight_grad = conv2d_weight(images, layer.weight.shape, deltas, 1, 1)
+    assert float((1 - output * output).min()) < 1e-6
+    noisy = (output * (1 + 1e-7 * torch.randn(output.shape, dtype=F64, generator=generator))).clamp(-1, 1)
+    recovered, diag = invert_conv_layer(layer, deltas, noisy, SolveOptions(solver="dense"), "conv 1")
+    assert diag["constraints"] == "both"
+    assert float((recovered - images).abs().max()) < 1e-4

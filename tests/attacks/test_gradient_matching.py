@@ -141,7 +141,7 @@ def test_feature_term_and_f_terms_drop_the_last_weight():
     matcher = GradientMatcher(model, SPEC.normalize, target, ClientTraining("gradient", 1), MatchConfig(terms="f"),
                               labels=labels, features=torch.rand(1, 32))
     assert "3.weight" not in matcher.matched and "3.bias" in matcher.matched
-    with pytest.raises(UsageError, match="needs recovered features"):
+    with pytest.raises(UsageError, match="need the recovered last-layer features"):
         GradientMatcher(model, SPEC.normalize, target, ClientTraining("gradient", 1), MatchConfig(terms="gf"),
                         labels=labels)
     with pytest.raises(UsageError, match="features have shape"):
