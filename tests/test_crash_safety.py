@@ -36,11 +36,32 @@ def capture_argv(folder: Path, seed: int) -> list[str]:
             str(folder), "--seed", str(seed)]
 
 
-def spawn(argv: list[str]) -> subprocess.Popen:
+# A gitool process that imports first, says so, and runs the command on a newline: the next
+# run's imports overlap the current one, and the kill window covers the command alone.
+PRESTART = """
+import sys
+argv = sys.argv[1:]
+import torch, gitool.cli
+sys.argv = ["gitool", *argv]
+sys.stdout.write("ready\\n"); sys.stdout.flush()
+sys.stdin.readline()
+gitool.cli.main()
+"""
+
+
+def prestart(argv: list[str]) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "GITOOL_DEBUG"}
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return subprocess.Popen([sys.executable, "-m", "gitool", *argv], env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # run beside the folder: "-c" puts the working folder first on sys.path
+    return subprocess.Popen([sys.executable, "-c", PRESTART, *argv], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(argv[-3]).parent)
+
+
+def go(proc: subprocess.Popen) -> subprocess.Popen:
+    assert proc.stdout.readline() == b"ready\n", proc.stderr.read().decode()[-2000:]
+    proc.stdin.write(b"\n")
+    proc.stdin.flush()
+    return proc
 
 
 def state(folder: Path) -> dict[str, int]:
@@ -53,18 +74,27 @@ def state(folder: Path) -> dict[str, int]:
     return found
 
 
-def wait_for_writes(proc: subprocess.Popen, folder: Path, timeout: float = 60) -> float:
-    """Block until the child changes the folder (its first write); the moment it did."""
-    before = state(folder)
+def wait_for(proc: subprocess.Popen, folder: Path, before: dict[str, int], event: str = "write",
+             timeout: float = 60) -> float:
+    """Block until the child's first write into the folder (``write``), until a file that is no
+    final capture name appears (``temp``: a write in progress, whatever the design names it),
+    or until an existing update is replaced (``update``: the moment between the update and its
+    truth). Returns the moment; the child may also have ended first."""
     started = time.monotonic()
     while time.monotonic() - started < timeout:
-        if state(folder) != before:
+        now = state(folder)
+        if event == "write" and now != before:
+            return time.monotonic()
+        if event == "temp" and any(not FINAL.match(name) for name in now):
+            return time.monotonic()
+        if event == "update" and any(name.endswith(".update.safetensors") and name in before and
+                                     now[name] != before[name] for name in now):
             return time.monotonic()
         if proc.poll() is not None:
             return time.monotonic()
-        time.sleep(0.002)
+        time.sleep(0.0005)
     proc.kill()
-    raise AssertionError("the capture never wrote into its folder")
+    raise AssertionError(f"the capture never showed a {event!r} in its folder")
 
 
 def parse(path: Path) -> tuple[dict | None, str | None]:
@@ -122,8 +152,10 @@ def existing(tmp_path_factory):
     """A folder of N existing captures, and how long a run spends writing them."""
     folder = tmp_path_factory.mktemp("existing") / "runs"
     folder.mkdir()
-    proc = spawn(capture_argv(folder, 0))
-    first = wait_for_writes(proc, folder)
+    upcoming = prestart(capture_argv(folder, 0))
+    before = state(folder)
+    proc = go(upcoming)
+    first = wait_for(proc, folder, before)
     proc.wait(timeout=120)
     writing = time.monotonic() - first
     assert proc.returncode == 0, proc.stderr.read().decode()
@@ -145,10 +177,17 @@ def test_kill_9_during_capture_repeat(captures):
     folder, writing = captures
     rng = random.Random(11)
     found = []
-    for i in range(10):
-        proc = spawn(capture_argv(folder, 1000 * (i + 1)))
-        wait_for_writes(proc, folder)
-        time.sleep(rng.uniform(0, writing))
+    upcoming = prestart(capture_argv(folder, 1000))
+    # kill at the riskiest moments and at random ones: 3 while a file is being written, 3 right
+    # after an update was replaced (before its truth), 4 at a random moment of the writing phase
+    events = ["temp", "update", "write", "temp", "update", "write", "temp", "update", "write", "write"]
+    for i, event in enumerate(events):
+        before = state(folder)
+        proc = go(upcoming)
+        if i < len(events) - 1:
+            upcoming = prestart(capture_argv(folder, 1000 * (i + 2)))
+        wait_for(proc, folder, before, event)
+        time.sleep(rng.uniform(0, writing) if event == "write" else rng.uniform(0, 0.002))
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         for problem in problems_in(folder, litter_allowed=True):
@@ -166,10 +205,11 @@ def test_sigterm_and_sigint_clean_up(captures, signum):
     folder, writing = captures
     rng = random.Random(int(signum))
     found = []
-    for i in range(1):
-        proc = spawn(capture_argv(folder, 500 + i))
-        wait_for_writes(proc, folder)
-        time.sleep(rng.uniform(0, writing))
+    for i in range(2):
+        upcoming = prestart(capture_argv(folder, 500 + i))
+        before = state(folder)
+        proc = go(upcoming)
+        wait_for(proc, folder, before, "temp" if i % 2 == 0 else "update")
         proc.send_signal(signum)
         try:
             proc.wait(timeout=30)

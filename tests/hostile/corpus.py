@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import re
 import struct
 import zipfile
 from dataclasses import dataclass, field
@@ -505,6 +506,39 @@ header_case("st-huge-offsets", "update", HEADER, "a tensor claiming 1 TiB of dat
             inspect_ok=False)
 header_case("st-negative-shape", "update", HEADER, "a negative dimension", _negative_shape, inspect_ok=False)
 
+HUGE_INT = "9" * 5000  # Python refuses to parse integers past 4300 digits (ValueError)
+header_case("meta-huge-int", "update", HEADER, "training.batch_size a 5000-digit integer",
+            lambda h, d: ({**h, "__metadata__": {**h["__metadata__"], "gitool.meta": h["__metadata__"]["gitool.meta"]
+                           .replace('"batch_size":1', '"batch_size":' + HUGE_INT)
+                           .replace('"batch_size": 1', '"batch_size": ' + HUGE_INT)}}, d, None))
+header_case("lab-huge-int", "labels", HEADER, "wall_time a 5000-digit integer",
+            lambda h, d: ({**h, "__metadata__": {**h["__metadata__"], "gitool.meta": h["__metadata__"]["gitool.meta"]
+                           [:-1] + ', "wall_time": ' + HUGE_INT + "}"}}, d, None))
+
+
+def _duplicate_kind(h, d):
+    """__metadata__ holding gitool.kind twice (update, then truth): which one is it?"""
+    text = json.dumps(h, separators=(",", ":"))
+    return text.replace('"gitool.kind":"update"', '"gitool.kind":"update","gitool.kind":"truth"'), d, None
+
+
+header_case("st-metadata-duplicate-kind", "update", HEADER, "gitool.kind twice in __metadata__", _duplicate_kind,
+            inspect_ok=True)
+
+
+def _huge_header(path: Path, base: dict[str, Path]) -> None:
+    """A valid update whose header is padded with 256 MiB of spaces (a sparse-free, real header)."""
+    header, data = read_st(base["U"])
+    text = json.dumps(header, separators=(",", ":")).encode() + b" " * (256 << 20)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(text)))
+        handle.write(text)
+        handle.write(data)
+
+
+file_case("st-header-256MiB", "update", "memory", "a header of 256 MiB (JSON plus spaces)", _huge_header,
+          ".update.safetensors", mode="child", bomb=True, fresh=True, inspect_ok=False)
+
 # --------------------------------------------------------------------------- update: dtypes, values, tensors
 
 DTYPE = "dtypes and duplicate names"
@@ -979,6 +1013,12 @@ file_case("facts-json-model-evilmod", "facts", CODE, "a facts file naming evilmo
           _facts_set("model.name", "evilmod:make"), ".json")
 file_case("facts-json-K-1e8", "facts", SPEC, "a facts file whose model claims K = 1e8",
           _facts_set("model.num_classes", 100_000_000), ".json", mode="child", bomb=True)
+file_case("facts-json-huge-int", "facts", FACTSF, "batch_size a 5000-digit integer",
+          lambda p, b: p.write_text(re.sub(r'"batch_size":\s*1\b', '"batch_size": ' + "9" * 5000,
+                                           b["NFJ"].read_text())),
+          ".json")
+file_case("facts-toml-huge-int", "facts", FACTSF, "TOML batch_size a 5000-digit integer",
+          lambda p, b: _toml("batch_size = 1", "batch_size = " + "9" * 5000)(p, b), ".toml")
 file_case("facts-json-invalid", "facts", FACTSF, "not JSON", lambda p, b: p.write_text("{\"training\": "), ".json")
 file_case("facts-json-list", "facts", FACTSF, "a JSON list", lambda p, b: p.write_text("[]"), ".json")
 file_case("facts-json-deep", "facts", FACTSF, f"JSON nested {DEEP} deep",
@@ -1161,7 +1201,6 @@ overlap_case("out-reconstruct-o-equals-png", "reconstruct ... -o x --png x",
              ("reconstruct", "{U}", "--labels", "{L}", "--features", "{F}", "--method", "fc", "-o", "{O}/x",
               "--png", "{O}/x"))
 overlap_case("out-export-o-update", "export U -o U --format pt", ("export", "{U}", "-o", "{U}", "--format", "pt"))
-overlap_case("out-export-o-update-npz", "export U -o U --format npz", ("export", "{U}", "-o", "{U}", "--format", "npz"))
 overlap_case("out-export-o-hardlink", "export U -o (hard link to U) --format pt",
              ("export", "{U}", "-o", "{U_HARD}", "--format", "pt"))
 overlap_case("out-export-derived-facts", "export x.facts.json -o x.pt (the facts it derives is the input)",
@@ -1223,10 +1262,21 @@ for _id, _name, _argv in (
                                 "{O}/i.update.safetensors")),
     ("capture-init", "f.safetensors", ("capture", "--init", "{S}", "-o", "{O}/k.update.safetensors")),
 ):
-    for _kind in ("FIFO", "ZERO"):
+    for _kind in ("FIFO", "ZERO") if _id in ("inspect", "labels", "import-before-npz", "import-facts") else ("FIFO",):
         add(Case(f"special-{_kind.lower()}-{_id}", SPECIAL, f"a {'FIFO' if _kind == 'FIFO' else '/dev/zero symlink'} "
                  f"as {_argv[0]}'s input", argv=tuple(a.replace("{S}", "{" + _kind + "}") for a in _argv),
                  prepare=_fifo(_name), mode="child"))
+def _loop(folder: Path, base: dict[str, str]) -> dict[str, str]:
+    import os
+
+    os.symlink("loop.update.safetensors", folder / "loop.update.safetensors")
+    return {"LOOP": str(folder / "loop.update.safetensors")}
+
+
+for _id, _argv in (("inspect", ("inspect", "{LOOP}")), ("labels", ("labels", "{LOOP}", "-o", "{O}/o.labels.safetensors")),
+                   ("import", ("import", "--before", "{LOOP}", "--grad", "{NG}", "--facts", "{NFJ}", "-o",
+                               "{O}/i.update.safetensors"))):
+    add(Case(f"special-symlink-loop-{_id}", SPECIAL, "a symlink to itself as input", argv=_argv, prepare=_loop))
 add(Case("special-dev-zero-inspect", SPECIAL, "/dev/zero itself", argv=("inspect", "/dev/zero"), mode="child"))
 
 
