@@ -468,21 +468,29 @@ def coerce_field(value: Any, hint: Any, where: str, error: type[GitoolError] = G
         return tuple(coerce_field(v, args[0], where, error) for v in value)
     if hint is bool:
         if not isinstance(value, bool):
-            raise error(f"{where}: expected true or false, got {value!r}")
+            raise error(f"{where}: expected true or false, got {_short_value(value)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise error(f"{where}: expected an integer, got {value!r}")
+            raise error(f"{where}: expected an integer, got {_short_value(value)}")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise error(f"{where}: expected a number, got {value!r}")
-        return float(value)
+            raise error(f"{where}: expected a number, got {_short_value(value)}")
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond any float
+            raise error(f"{where}: {str(value)[:20]}... is too large for a number") from None
     if hint is str:
         if not isinstance(value, str):
-            raise error(f"{where}: expected a string, got {value!r}")
+            raise error(f"{where}: expected a string, got {_short_value(value)}")
         return value
     raise TypeError(f"no coercion for {hint!r}")  # a spec field type this function does not know
+
+
+def _short_value(value: Any) -> str:
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else f"{str(value)[:20]}..."
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def load_state(model, state: dict[str, torch.Tensor], what: str = "weights") -> None:

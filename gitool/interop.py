@@ -88,13 +88,15 @@ def read_facts_file(path: str | Path) -> dict[str, Any]:
                                  "write the facts as JSON instead") from None
         try:
             document = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise UsageError(f"--facts {path}: not valid TOML ({exc})") from None
+        except (tomllib.TOMLDecodeError, ValueError, RecursionError) as exc:  # ValueError: a 5000-digit integer
+            raise UsageError(f"--facts {path}: not valid TOML ({str(exc)[:120]})") from None
     elif path.suffix == ".json":
+        from gitool.codec import loads_json
+
         try:
-            document = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"--facts {path}: not valid JSON ({exc})") from None
+            document = loads_json(text, f"--facts {path}")
+        except GitoolError as exc:
+            raise UsageError(str(exc)) from None
     else:
         raise UsageError(f"--facts {path}: name it .toml or .json")
     return check_facts(document, f"--facts {path}")

@@ -21,7 +21,10 @@ def identity(path: Path) -> tuple:
         info = os.stat(path)
         return ("inode", info.st_dev, info.st_ino)
     except OSError:
-        return ("path", str(Path(path).resolve()))
+        try:
+            return ("path", str(Path(path).resolve()))
+        except (OSError, RuntimeError):  # a symlink loop: the name is all there is
+            return ("path", os.path.abspath(path))
 
 
 def refuse_overlap(inputs: Iterable[tuple[str, Path | None]], outputs: Iterable[tuple[str, Path | None]]) -> None:
