@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any, Iterable
 import torch
 
 from gitool import __version__
-from gitool.errors import GitoolError, UsageError
+from gitool.errors import GitoolError
 
 FORMAT_VERSION = 1
 KINDS = ("update", "truth", "labels", "features", "reconstruction", "checkpoint")
