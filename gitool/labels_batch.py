@@ -19,7 +19,6 @@ not linear in the gradients, which every method here relies on.
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 
 import torch
@@ -137,7 +136,7 @@ def load_aux(update, options: AuxCountOptions, method: str, model=None):
                           model=model)
 
 
-def _outcome(method: str, counts: torch.Tensor, started: float, layer: OutputLayer, diagnostics: dict,
+def _outcome(method: str, counts: torch.Tensor, layer: OutputLayer, diagnostics: dict,
              extra_lines: list[str] | None = None) -> LabelOutcome:
     counts = counts.to(torch.int64).cpu()
     labels = None
@@ -161,7 +160,6 @@ def _device(options: CountOptions) -> str:
 
 def idlg(update, options: CountOptions) -> LabelOutcome:
     """iDLG: one sample; the only class whose weight-gradient row sum is negative."""
-    started = time.perf_counter()
     layer = output_layer(update, _device(options))
     if layer.total != 1:
         raise UsageError(f"--method idlg recovers one label (B = 1, one step); this update has N = {layer.total} "
@@ -169,63 +167,57 @@ def idlg(update, options: CountOptions) -> LabelOutcome:
     row_sums = layer.weight_grad.sum(dim=1)
     counts = torch.zeros(row_sums.numel(), dtype=torch.int64)
     counts[lc.idlg_label(row_sums)] = 1
-    return _outcome("idlg", counts, started, layer, {"negative_rows": int((row_sums < 0).sum())})
+    return _outcome("idlg", counts, layer, {"negative_rows": int((row_sums < 0).sum())})
 
 
 def yin(update, options: CountOptions) -> LabelOutcome:
     """GradInversion's rule: the N classes with the most negative weight-gradient entry."""
-    started = time.perf_counter()
     layer = output_layer(update, _device(options))
     num_classes = layer.weight.shape[0]
     if layer.total > num_classes:
         raise UsageError(f"--method yin assumes N distinct labels, but N = {layer.total} > K = {num_classes} classes; "
                          "use rlu, ilrg, zlg or llg")
-    return _outcome("yin", lc.yin_counts(layer.weight_grad.cpu(), layer.total), started, layer, {})
+    return _outcome("yin", lc.yin_counts(layer.weight_grad.cpu(), layer.total), layer, {})
 
 
 def llg(update, options: CountOptions) -> LabelOutcome:
     """LLG: impact from the gradient itself, no auxiliary data."""
-    started = time.perf_counter()
     layer = output_layer(update, _device(options))
     counts = lc.llg_counts(layer.weight_grad.sum(dim=1).cpu(), layer.total)
-    return _outcome("llg", counts, started, layer, {})
+    return _outcome("llg", counts, layer, {})
 
 
-def llg_plus(update, options: CountOptions) -> LabelOutcome:
+def llg_plus(update, options: AuxCountOptions) -> LabelOutcome:
     """LLG+: impact and per-class offsets measured on auxiliary data."""
-    started = time.perf_counter()
     layer = output_layer(update, _device(options))
     aux = load_aux(update, options, "llg+")
     counts = lc.llg_counts(layer.weight_grad.sum(dim=1).cpu(), layer.total, aux.llg_impact / layer.total,
                            aux.llg_offsets.cpu())
-    return _outcome("llg+", counts, started, layer, {"aux_size": aux.size})
+    return _outcome("llg+", counts, layer, {"aux_size": aux.size})
 
 
-def zlg(update, options: CountOptions) -> LabelOutcome:
+def zlg(update, options: AuxCountOptions) -> LabelOutcome:
     """ZLG: n_j = N (p_bar_j - g_j / O_bar), clipped and rounded to sum to N."""
-    started = time.perf_counter()
     layer = output_layer(update, _device(options))
     aux = load_aux(update, options, "zlg")
     estimate = lc.zlg_estimate(layer.weight_grad.sum(dim=1).cpu(), layer.total, aux.expected_softmax.cpu(),
                                aux.mean_feature_sum)
-    return _outcome("zlg", lc.largest_remainder(estimate, layer.total), started, layer, {"aux_size": aux.size})
+    return _outcome("zlg", lc.largest_remainder(estimate, layer.total), layer, {"aux_size": aux.size})
 
 
 def ilrg(update, options: CountOptions) -> LabelOutcome:
     """iLRG: class-average embeddings and a pseudo-inverse; needs the last-layer bias."""
-    started = time.perf_counter()
     layer = output_layer(update, _device(options))
     if layer.bias is None:
         raise UsageError("--method ilrg needs a last-layer bias (its embeddings are G_j / db_j); "
                          "this model has none: use rlu or zlg")
     estimate, residual = lc.ilrg_estimate(layer.weight, layer.bias, layer.weight_grad, layer.bias_grad, layer.total)
     counts = lc.largest_remainder(estimate.cpu(), layer.total)
-    return _outcome("ilrg", counts, started, layer, {"residual": residual})
+    return _outcome("ilrg", counts, layer, {"residual": residual})
 
 
-def rlu(update, options: CountOptions) -> LabelOutcome:
+def rlu(update, options: RLUOptions) -> LabelOutcome:
     """RLU (Chen & Vikalo 2024); see `recover_rlu`."""
-    started = time.perf_counter()
     device = _device(options)
     model = update.build_model(dtype=torch.float64, device=device)
     layer = output_layer(update, device, model)
@@ -237,7 +229,7 @@ def rlu(update, options: CountOptions) -> LabelOutcome:
     lines = [f"rlu: relative residual {diagnostics['residual']:.2e}, {diagnostics['refinement_rounds']} refinement "
              f"round(s), {aux.size} auxiliary samples"
              + ("" if use_bias else "; no last-layer bias: used the weight rows' sums")]
-    return _outcome("rlu", counts, started, layer, diagnostics, lines)
+    return _outcome("rlu", counts, layer, diagnostics, lines)
 
 
 SIMULATION_SIZE = 200

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -191,28 +191,15 @@ def _param_name(module: nn.Module, kind: str) -> str:
 # ----------------------------------------------------------------------------- the methods
 
 
-def solve_options(options: dict[str, Any]) -> SolveOptions:
-    """SolveOptions from the CLI's dict, with each value checked."""
-    parsed = SolveOptions()
-    if "solver" in options and options["solver"] is not None:
-        if options["solver"] not in ("auto", "dense", "iterative"):
-            raise UsageError(f"--solver must be auto, dense or iterative, got {options['solver']!r}")
-        parsed.solver = options["solver"]
-    if options.get("constraints") is not None:
-        if options["constraints"] not in ("auto", "gradient", "both"):
-            raise UsageError(f"--constraints must be auto, gradient or both, got {options['constraints']!r}")
-        parsed.constraints = options["constraints"]
-    for key, kind in (("tol", float), ("max_iter", int), ("condition_limit", float), ("dense_limit", int)):
-        if options.get(key) is not None:
-            value = kind(options[key])
-            if not 0 < value < math.inf:  # NaN fails this too
-                raise UsageError(f"--{key.replace('_', '-')} must be positive and finite, got {value}")
-            setattr(parsed, key, value)
-    return parsed
+def solve_options(options: AnalyticOptions) -> SolveOptions:
+    """The solver's settings from the method's options (checked by AnalyticOptions)."""
+    return SolveOptions(solver=options.solver, constraints=options.constraints, tol=options.tol,
+                        max_iter=options.max_iter, condition_limit=options.condition_limit,
+                        dense_limit=options.dense_limit)
 
 
-def _prepare(update, labels, features, options):
-    device = options.get("device") or "cpu"
+def _prepare(update, labels, features, options: AnalyticOptions):
+    device = options.device
     model = update.build_model(dtype=torch.float64, device=device)
     _name_parameters(model)
     gradients = single_step_gradients(update)
@@ -311,16 +298,17 @@ class AnalyticOptions:
 
 def reconstruct_fc(update, options, labels=None, features=None, progress=None) -> ReconOutcome:
     """Wang et al.'s fully-connected inversion (methods.md section 1)."""
-    return _run("fc", update, labels, features, _as_dict(options), progress, allow_conv=False)
+    return _run("fc", update, labels, features, _parsed(options), progress, allow_conv=False)
 
 
 def reconstruct_conv(update, options, labels=None, features=None, progress=None) -> ReconOutcome:
     """R-CONV-style inversion of conv stacks with an FC head (methods.md section 2)."""
-    return _run("conv", update, labels, features, _as_dict(options), progress, allow_conv=True)
+    return _run("conv", update, labels, features, _parsed(options), progress, allow_conv=True)
 
 
-def _as_dict(options) -> dict[str, Any]:
-    return dict(options) if isinstance(options, dict) else asdict(options)
+def _parsed(options) -> AnalyticOptions:
+    """The options object, also from a plain dict (checked by the same constraints)."""
+    return AnalyticOptions(**options) if isinstance(options, dict) else options
 
 
 def explain(update, method: str) -> list[dict]:
