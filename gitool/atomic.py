@@ -6,6 +6,12 @@ a mix. Temporary files are named ``.TARGET.PID.gitool-tmp``; a ``kill -9`` can l
 behind, and the next write of the same target in that folder removes those whose process
 is gone, so litter never accumulates nor trips a later run.
 
+Many small files (an audit of thousands of updates) may be written inside
+:func:`deferred_sync`: each write is still one rename, but the fsyncs are left to one
+``os.sync()`` at the end. A killed process still leaves old or new files, never a mix;
+only a power cut could leave a renamed file whose bytes never reached the disk, which
+readers refuse as corrupt and an audit recomputes.
+
 Two files that point at each other (an update and the truth that records the update's
 sha256) are written by :func:`write_pair`: the old pointing file is removed before the
 new pointed-to file replaces its predecessor, so at every instant the folder holds a
@@ -14,10 +20,12 @@ matching pair, or the first file without its partner, never a mismatched pair.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 from pathlib import Path
+from typing import Iterator
 
 from gitool.errors import GitoolError, UsageError
 
@@ -40,20 +48,47 @@ def install_signal_handlers() -> None:
         pass
 
 
+_TMP_NAME = re.compile(r"^\..+\.(\d+)" + re.escape(TMP_SUFFIX) + "$")
+# Folders this process has cleared: (pid, folder). Listing a folder costs time in
+# proportion to its size, so a run writing 10,000 files into one folder lists it once.
+_CLEARED: set[tuple[int, str]] = set()
+
+
 def _clear_stale(target: Path) -> None:
-    """Remove temporary files of ``target`` left by processes that no longer run."""
-    pattern = re.compile(re.escape(f".{target.name}.") + r"(\d+)" + re.escape(TMP_SUFFIX) + "$")
+    """Remove temporary files left in ``target``'s folder by processes that no longer
+    run, the first time this process writes into that folder."""
+    key = (os.getpid(), os.path.abspath(target.parent))
+    if key in _CLEARED:
+        return
     try:
         names = os.listdir(target.parent)
     except OSError:
         return
+    _CLEARED.add(key)
     for name in names:
-        match = pattern.match(name)
+        match = _TMP_NAME.match(name)
         if match and not _alive(int(match.group(1))):
             try:
                 os.unlink(target.parent / name)
             except OSError:
                 pass
+
+
+_DEFERRED = 0  # > 0 inside deferred_sync
+
+
+@contextlib.contextmanager
+def deferred_sync(sync_at_end: bool = True) -> Iterator[None]:
+    """Atomic writes without their own fsyncs; one ``os.sync()`` at the end (unless
+    ``sync_at_end`` is False: a worker whose parent syncs once for all)."""
+    global _DEFERRED
+    _DEFERRED += 1
+    try:
+        yield
+    finally:
+        _DEFERRED -= 1
+        if sync_at_end and _DEFERRED == 0:
+            os.sync()
 
 
 def _alive(pid: int) -> bool:
@@ -84,7 +119,8 @@ def _stage(path: Path, data: bytes) -> Path:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
-            os.fsync(handle.fileno())
+            if not _DEFERRED:
+                os.fsync(handle.fileno())
     except BaseException:
         _remove(tmp)
         raise
@@ -99,6 +135,8 @@ def _remove(path: Path) -> None:
 
 
 def _sync_folder(folder: Path) -> None:
+    if _DEFERRED:
+        return
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:

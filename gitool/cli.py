@@ -31,8 +31,8 @@ from gitool.paths import identity, refuse_overlap
 from gitool.resolve import parse_float_range, parse_int_list, parse_normalization, resolve_model, trust_models
 
 # Commands in the order of an attack chain, then the tools around it.
-CHAIN_ORDER = ("capture", "labels", "features", "reconstruct", "score", "inspect", "import", "export", "train",
-               "models", "demo")
+CHAIN_ORDER = ("capture", "labels", "features", "reconstruct", "score", "audit", "inspect", "import", "export",
+               "train", "models", "demo")
 
 
 class ChainOrderGroup(typer.core.TyperGroup):
@@ -251,6 +251,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document o
 DeviceOpt = Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, cuda:1 ...")]
 LABEL_METHOD_HELP = __import__("gitool.labels", fromlist=["METHOD_HELP"]).METHOD_HELP
 RECON_METHOD_HELP = __import__("gitool.reconstruct", fromlist=["METHOD_HELP"]).METHOD_HELP
+AUDIT_METHODS_HELP = ("Steps and methods, comma-separated: auto (labels,features,analytic), all (and optimize), "
+                      "labels, features, analytic (fc or conv as the model allows), or method names of `gitool labels "
+                      "--method` and `gitool reconstruct --method`; the first method of a step is its main result.")
 TrustOpt = Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Trust the user model factory "
                      "package.module:factory that the update names (importing it runs that module's code); "
                      "gitool never imports code because a file names it. Zoo models need nothing.")]
@@ -590,6 +593,7 @@ def score(
         raise UsageError("give --truth FILE (or --truth-dir DIR for many files)")
     from gitool import metrics
     from gitool.files import RESULT_KINDS, load_result, load_truth, stem_of
+    from gitool.steps import check_truth_fits_update, score_step
 
     paths: list[Path] = []
     for item in results:
@@ -619,22 +623,11 @@ def score(
     for path, truth_path in zip(paths, truth_paths):
         result = load_result(path)
         truth_obj = load_truth(truth_path)
-        _check_truth_fits_its_update(truth_obj)
+        check_truth_fits_update(truth_obj)
         row = {"file": str(path), "kind": result.kind, "method": result.method, "truth": str(truth_path),
-               **metrics.score(result, truth_obj)}
-        mismatch = result.other_update_than(truth_obj)
-        if mismatch:
-            row["warning"] = mismatch
-            err.print(f"[bold yellow]warning:[/] {mismatch}", highlight=False, soft_wrap=True)
-        if result.kind == "reconstruction":
-            row["lpips"] = None
-            if lpips_net is not None:
-                from gitool.lpips import lpips_distance
-
-                recovered = result.require("images")[: len(row["matching"])]
-                values = lpips_distance(lpips_net, recovered, truth_obj.images[row["matching"]])
-                row["lpips"] = float(values.mean())
-                row["lpips_per_image"] = [float(v) for v in values]
+               **score_step(result, truth_obj, lpips_net)}
+        if "warning" in row:
+            err.print(f"[bold yellow]warning:[/] {row['warning']}", highlight=False, soft_wrap=True)
         rows.append(row)
         if png is not None:
             if result.kind != "reconstruction":
@@ -670,14 +663,6 @@ def score(
     _refuse_mismatch(mismatched, allow_mismatch)
 
 
-def _check_truth_fits_its_update(truth) -> None:
-    from gitool.files import check_fits_update, pointed_update
-
-    update = pointed_update(truth.meta.get("update"), truth.path)
-    if update is not None:
-        check_fits_update("truth", {n: getattr(truth, n) for n in truth.TENSORS}, update, truth.path)
-
-
 def _refuse_mismatch(mismatched: list[dict], allowed: bool) -> None:
     """Scores of a result against another update's truth are garbage that looks fine:
     they are printed, and the command fails unless the user said it is intended."""
@@ -687,8 +672,7 @@ def _refuse_mismatch(mismatched: list[dict], allowed: bool) -> None:
                           "pairing is intended (a re-imported export)")
 
 
-LPIPS_SKIPPED = ("LPIPS skipped: it needs pretrained network weights, none are bundled and nothing can be "
-                 "downloaded here (give local ones with --lpips-weights)")
+from gitool.steps import LPIPS_SKIPPED  # noqa: E402  (no heavy import: steps imports lazily)
 
 
 def _fmt(value: Any) -> str:
@@ -699,6 +683,93 @@ def _fmt(value: Any) -> str:
             return f"{value:.2e}"
         return f"{value:.4f}"
     return str(value)
+
+
+# --------------------------------------------------------------------------- audit
+
+
+@app.command()
+def audit(
+    inputs: Annotated[list[Path], typer.Argument(help="Update files, or folders searched recursively for "
+                      "*.update.safetensors (captures, imports, Flower recordings).")],
+    out_dir: Annotated[Path, typer.Option("--out-dir", "-o", help="Folder for the results (mirroring the inputs' "
+                       "folders), summary.json, audit.csv and report.html.")],
+    methods: Annotated[str, typer.Option("--methods", help=AUDIT_METHODS_HELP)] = "auto",
+    aux: Annotated[Optional[str], typer.Option("--aux", help="Labelled auxiliary data (a --data spec) for the label "
+                   "counts of batches and multi-step updates (RLU); without it they are counted without auxiliary "
+                   "data (iLRG or LLG).")] = None,
+    aux_per_class: Annotated[Optional[int], typer.Option("--aux-per-class", help="Auxiliary samples per class.")]
+    = None,
+    family: Annotated[Optional[str], typer.Option("--family", help="Label family prior for single-sample labels "
+                      "(default: what each update records).")] = None,
+    time_budget: Annotated[Optional[float], typer.Option("--time-budget", help="Seconds per update for --methods "
+                           "optimize.")] = None,
+    lpips_weights: Annotated[Optional[Path], typer.Option("--lpips-weights", help="Local AlexNet LPIPS weights for "
+                             "the image scores.")] = None,
+    workers: Annotated[int, typer.Option("--workers", "-j", help="Worker processes on this machine.")] = 1,
+    scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="Run the tasks on a Dask cluster: its "
+                         "scheduler's address tcp://HOST:PORT (pip install 'gitool[dask]'; the workers must see the "
+                         "same files).")] = None,
+    retries: Annotated[int, typer.Option("--retries", help="With --scheduler: reruns of a task that failed.")] = 2,
+    threads: Annotated[int, typer.Option("--threads", help="torch threads per worker.")] = 1,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Keep valid results of an earlier run (made "
+                      "from the same update by the same method and options) instead of recomputing them.")] = True,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for randomised methods.")] = 0,
+    model: TrustOpt = None,
+    device: DeviceOpt = "cpu",
+    json_output: JsonOpt = False,
+) -> None:
+    """Attack every update of a federated run, score what leaked, and write a report.
+
+    Each update gets the attacks its facts allow (soft label and feature of one sample,
+    analytic reconstruction where the model permits it, label counts of batches and
+    multi-step updates), written under --out-dir with the names the single commands use.
+    A truth file beside an update (STEM.truth.safetensors) is read after the attacks, to
+    score them; without one the report gives the attacks' own checks. A rerun reuses
+    valid results; Ctrl-C keeps what finished and still writes the report.
+
+    Example: gitool audit runs/ --out-dir audit/ --workers 2   (then open audit/report.html)
+    """
+    from gitool.audit import prepare, run
+    from gitool.progress import ItemProgress
+
+    if workers < 1 or threads < 1 or retries < 0:
+        raise UsageError("--workers and --threads must be at least 1, --retries at least 0")
+    if scheduler is not None and workers != 1:
+        raise UsageError("--scheduler runs the tasks on the cluster's workers; drop --workers")
+    check_device(device)
+    check_seed(seed)
+    trust_models(model)
+    options = {"aux": aux, "aux_per_class": aux_per_class, "family": family, "time_budget": time_budget,
+               "seed": seed, "device": device}
+    items, settings = prepare(inputs, out_dir, methods, options, lpips_weights=lpips_weights, trusted=model or (),
+                              resume=resume, threads=threads)
+    with ItemProgress(len(items), "audit", "updates", console=err, enabled=not json_output) as progress:
+        outcome = run(items, settings, workers=workers, scheduler=scheduler, retries=retries,
+                      on_record=lambda record: progress.advance(_audit_note(record)),
+                      context={"inputs": [str(i) for i in inputs], "methods": methods})
+    if json_output:
+        emit_json({"updates": outcome.total, "audited": len(outcome.records), "interrupted": outcome.interrupted,
+                   "seconds": outcome.seconds, "written": outcome.written, "findings": outcome.summary["findings"],
+                   "overall": outcome.summary["overall"]})
+    else:
+        findings = outcome.summary["findings"]
+        out.print(f"[bold]{findings['headline']}[/]", highlight=False)
+        for sentence in findings["sentences"]:
+            out.print(f"- {sentence}", highlight=False, soft_wrap=True)
+        out.print(f"wrote {', '.join(outcome.written.values())} ({len(outcome.records)} updates in "
+                  f"{outcome.seconds:.1f} s)", highlight=False, soft_wrap=True)
+    if outcome.interrupted:
+        raise KeyboardInterrupt
+
+
+def _audit_note(record: dict[str, Any]) -> str | None:
+    """What the progress line counts besides the finished updates."""
+    if record.get("status") != "ok":
+        return record.get("status")
+    if any(entry["status"] in ("failed", "error") for entry in record["attacks"]):
+        return "with a failed attack"
+    return None
 
 
 # --------------------------------------------------------------------------- reconstruct
@@ -805,11 +876,11 @@ def reconstruct(
     Example: gitool reconstruct run/c.update.safetensors --labels run/c.labels.safetensors --features run/c.features.safetensors --method fc -o run/c.reconstruction.safetensors --png run/c.png
     """
     from gitool.reconstruct import RECON_METHODS
-    from gitool.reconstruct import reconstruct as run_reconstruction
 
     if method not in RECON_METHODS:  # before any torch import: a usage error answers at once
         raise UsageError(f"--method must be one of {', '.join(RECON_METHODS)}, got {method!r}")
-    from gitool.files import load_result, load_update, new_result, save_result
+    from gitool.files import load_result, load_update, save_result
+    from gitool.steps import reconstruct_step
 
     check_device(device)
     check_seed(seed)
@@ -836,7 +907,6 @@ def reconstruct(
         from gitool import reconstruct_analytic
 
         err.print(_explain_table(reconstruct_analytic.explain(update, method)))
-    started = time.perf_counter()
     with progress_bar(enabled=not json_output) as bar:
         task = bar.add_task(f"reconstruct ({method})", total=None)
         def progress(done: int, total: int, info: dict) -> None:
@@ -844,10 +914,8 @@ def reconstruct(
                     else info.get("layer", ""))
             bar.update(task, completed=done, total=total, description=f"{method}: {what}")
 
-        outcome = run_reconstruction(update, labels, features, method, options, progress)
-    seconds = time.perf_counter() - started
-    result = new_result("reconstruction", {"images": outcome.images}, method=method, update=update,
-                        options=outcome.options, diagnostics=outcome.diagnostics, wall_time=seconds)
+        result, outcome = reconstruct_step(update, labels, features, method, options, progress)
+    seconds = result.wall_time
     save_result(result, output)
     if png is not None:
         from gitool.plotting import save_image_grid
@@ -868,14 +936,6 @@ def reconstruct(
 
 
 # --------------------------------------------------------------------------- labels and features
-
-
-def _label_method(name: str, update):
-    """The registry entry for ``name`` ("auto" picks from the update)."""
-    from gitool.labels import label_method
-
-    method = label_method(update, name)
-    return method.name, method
 
 
 def _label_row(path: Path, output: Path, name: str, outcome, seconds: float) -> dict[str, Any]:
@@ -932,7 +992,8 @@ def labels(
         raise UsageError("give -o/--output FILE for one update or --out-dir DIR for many, not both")
     if output is None and out_dir is None:
         raise UsageError("give -o/--output FILE (or --out-dir DIR for many updates)")
-    from gitool.files import expand_inputs, load_update, new_result, output_name, save_result
+    from gitool.files import expand_inputs, load_update, output_name, save_result
+    from gitool.steps import label_step
 
     check_device(device)
     check_seed(seed)
@@ -970,14 +1031,8 @@ def labels(
         for path in paths:
             try:
                 update = load_update(path, tensors="classifier")  # the method reads the rest if it needs it
-                name, entry = _label_method(method, update)
-                outcome = entry(update, options, LABEL_METHODS)
-                seconds = outcome.seconds
-                tensors = {key: value for key, value in (("labels", outcome.labels), ("counts", outcome.counts))
-                           if value is not None}
-                target = targets[path]
-                result = new_result("labels", tensors, method=name, update=update, options=outcome.options,
-                                    diagnostics=outcome.diagnostics, wall_time=seconds)
+                result, outcome = label_step(update, method, options)
+                name, seconds, target = result.method, outcome.seconds, targets[path]
                 save_result(result, target)
                 if plot is not None:
                     if outcome.curve is None:
@@ -1043,8 +1098,8 @@ def features(
 
     Example: gitool features run/c.update.safetensors --labels run/c.labels.safetensors -o run/c.features.safetensors
     """
-    from gitool.files import load_result, load_update, new_result, save_result
-    from gitool.labels_single import recover_features
+    from gitool.files import load_result, load_update, save_result
+    from gitool.steps import feature_step
 
     check_device(device)
     trust_models(model)
@@ -1052,13 +1107,8 @@ def features(
     refuse_overlap([("the update", update), ("--labels", labels_file)], [("--output", output)])
     loaded = load_update(update, tensors="classifier")  # x needs the classifier's tensors alone
     labels_result = load_result(labels_file, ("labels",))
-    labels_result.check_source(loaded)
-    started = time.perf_counter()
-    feature, diagnostics = recover_features(loaded, labels_result, {"device": device})
-    seconds = time.perf_counter() - started
-    result = new_result("features", {"features": feature}, method=diagnostics["method"], update=loaded,
-                        options={"device": device, "labels": str(labels_file)}, diagnostics=diagnostics,
-                        wall_time=seconds)
+    result = feature_step(loaded, labels_result, {"device": device})
+    feature, diagnostics, seconds = result.require("features"), result.diagnostics, result.wall_time
     save_result(result, output)
     if json_output:
         emit_json({"update": str(update), "labels": str(labels_file), "output": str(output), "seconds": seconds,

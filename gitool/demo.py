@@ -73,15 +73,12 @@ def capture_single(folder: Path, state: dict) -> str:
 
 
 def labels(folder: Path, state: dict) -> str:
-    from gitool.files import new_result, save_result
-    from gitool.labels import recover_labels
+    from gitool.files import save_result
     from gitool.plotting import plot_curve
+    from gitool.steps import label_step
 
     update = state["update"]
-    started = time.perf_counter()
-    outcome = recover_labels(update, "auto", {})
-    result = new_result("labels", {"labels": outcome.labels, "counts": outcome.counts}, method=outcome.method,
-                        update=update, diagnostics=outcome.diagnostics, wall_time=time.perf_counter() - started)
+    result, outcome = label_step(update, "auto", {})
     path = save_result(result, folder / f"{CLIENT}.labels.safetensors")
     if outcome.curve:
         plot_curve(outcome.curve, folder / f"{CLIENT}.labels.png")
@@ -92,14 +89,10 @@ def labels(folder: Path, state: dict) -> str:
 
 
 def features(folder: Path, state: dict) -> str:
-    from gitool.files import new_result, save_result
-    from gitool.labels_single import recover_features
+    from gitool.files import save_result
+    from gitool.steps import feature_step
 
-    update = state["update"]
-    started = time.perf_counter()
-    feature, diagnostics = recover_features(update, state["labels"])
-    result = new_result("features", {"features": feature}, method=str(diagnostics.get("method", "lambda")),
-                        update=update, diagnostics=diagnostics, wall_time=time.perf_counter() - started)
+    result = feature_step(state["update"], state["labels"])
     path = save_result(result, folder / f"{CLIENT}.features.safetensors")
     state["features"] = result
     scores = _score(state, path, CLIENT)
@@ -107,14 +100,10 @@ def features(folder: Path, state: dict) -> str:
 
 
 def _reconstruct(folder: Path, state: dict, method: str, options: dict[str, Any], name: str) -> dict:
-    from gitool.files import new_result, save_result
-    from gitool.reconstruct import reconstruct
+    from gitool.files import save_result
+    from gitool.steps import reconstruct_step
 
-    update = state["update"]
-    started = time.perf_counter()
-    outcome = reconstruct(update, state["labels"], state["features"], method, options)
-    result = new_result("reconstruction", {"images": outcome.images}, method=method, update=update,
-                        options=options, diagnostics=outcome.diagnostics, wall_time=time.perf_counter() - started)
+    result, _ = reconstruct_step(state["update"], state["labels"], state["features"], method, options)
     path = save_result(result, folder / f"{name}.reconstruction.safetensors")
     return _score(state, path, CLIENT, png=folder / f"{name}.png")
 
@@ -132,20 +121,16 @@ def reconstruct_optimize(folder: Path, state: dict) -> str:
 
 def batch_counts(folder: Path, state: dict) -> str:
     from gitool.capture import CaptureConfig, SampleChoice
-    from gitool.files import InputSpec, TrainingSpec, new_result, save_result
-    from gitool.labels import recover_labels
+    from gitool.files import InputSpec, TrainingSpec, save_result
     from gitool.models import ModelSpec
+    from gitool.steps import label_step
 
     spec = ModelSpec(name="lenet", num_classes=10, input_shape=(3, 32, 32), activation="relu")
     config = CaptureConfig(training=TrainingSpec(batch_size=8, steps=5, lr=0.01),
                            input=InputSpec(shape=spec.input_shape), init="default",
                            choice=SampleChoice(dirichlet_alpha=0.5), seed=11)
     update = _save_capture(folder, BATCH_CLIENT, spec, config, "samples")
-    started = time.perf_counter()
-    outcome = recover_labels(update, "auto", {"aux": "synthetic", "aux_per_class": 10, "seed": 0})
-    result = new_result("labels", {"counts": outcome.counts}, method=outcome.method, update=update,
-                        options={"aux": "synthetic", "aux_per_class": 10}, diagnostics=outcome.diagnostics,
-                        wall_time=time.perf_counter() - started)
+    result, outcome = label_step(update, "auto", {"aux": "synthetic", "aux_per_class": 10, "seed": 0})
     path = save_result(result, folder / f"{BATCH_CLIENT}.labels.safetensors")
     scores = _score(state, path, BATCH_CLIENT)
     return (f"FedAvg B = 8, m = 5 on lenet, {outcome.method} counts: cAcc {scores['cAcc']:.2f}, "

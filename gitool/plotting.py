@@ -17,9 +17,16 @@ def save_image_grid(images: torch.Tensor, path: str | Path, captions: list[str] 
 
     Small images are enlarged (nearest neighbour) so a 32x32 picture is still visible.
     """
-    from PIL import Image, ImageDraw
-
     from gitool.files import atomic_write_bytes
+
+    atomic_write_bytes(path, image_grid_png(images, captions, columns, scale))
+    return Path(path)
+
+
+def image_grid_png(images: torch.Tensor, captions: list[str] | None = None, columns: int = 8,
+                   scale: int | None = None) -> bytes:
+    """The PNG bytes of :func:`save_image_grid` (for pages that embed their pictures)."""
+    from PIL import Image, ImageDraw
 
     images = images.detach().to("cpu", torch.float64).clamp(0, 1)
     if images.ndim != 4 or images.shape[1] not in (1, 3):
@@ -42,18 +49,15 @@ def save_image_grid(images: torch.Tensor, path: str | Path, captions: list[str] 
         grid.paste(picture, (x, y))
         if captions and index < len(captions):
             draw.text((x, y + cell_h + 1), str(captions[index]), fill="black")
-    import io
-
     buffer = io.BytesIO()
     grid.save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
-    return Path(path)
+    return buffer.getvalue()
 
 
 # --------------------------------------------------------------------------- matplotlib figures (captions)
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -73,19 +77,25 @@ def _as_display(image: torch.Tensor):
 def _save_figure(fig, path: str | Path) -> Path:
     from gitool.files import atomic_write_bytes
 
-    plt = _pyplot()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, figure_png(fig))
     return Path(path)
+
+
+def figure_png(fig, dpi: int = 100) -> bytes:
+    """A matplotlib figure as PNG bytes (closed afterwards); no date in the file, so the
+    same figure gives the same bytes."""
+    plt = pyplot()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 def save_comparison_grid(truth: torch.Tensor, recovered: torch.Tensor, path: str | Path,
                          captions: Sequence[str] | None = None, title: str | None = None) -> Path:
     """Truth in the top row, the matched reconstruction below it, one caption per
     column under the reconstruction (e.g. its PSNR / SSIM). Both N x C x H x W in [0, 1]."""
-    plt = _pyplot()
+    plt = pyplot()
     n = truth.shape[0]
     if recovered.shape[0] != n:
         raise ValueError("truth and reconstruction need the same number of images (match them first)")
@@ -120,7 +130,7 @@ def plot_curve(curve: dict[str, Any], path: str | Path) -> Path:
 
     ``curve`` keys: x, y (arrays), chosen_x (and optional chosen_y), xlabel, ylabel, title,
     logx (a symmetric log axis when x has both signs), logy. Written atomically."""
-    plt = _pyplot()
+    plt = pyplot()
     x = np.asarray(curve["x"], dtype=float)
     y = np.asarray(curve["y"], dtype=float)
     logy = bool(curve.get("logy"))

@@ -1,0 +1,137 @@
+"""An audit from start to end: check everything that can be checked before any update is
+read, run the tasks on a runner, and write the report of what finished (also after
+Ctrl-C: the report then says how many updates it covers)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from gitool.audit.layout import AuditInput, find_updates
+from gitool.audit.planner import Selection, parse_methods
+from gitool.audit.task import AuditSettings, AuditTask
+from gitool.errors import UsageError
+
+REPORT_FILES = ("summary.json", "audit.csv", "report.html")
+
+
+@dataclass
+class AuditOutcome:
+    """What an audit did: the records of the finished updates (in name order), whether it
+    was interrupted, the report files and the summary they hold."""
+
+    records: list[dict[str, Any]]
+    total: int
+    interrupted: bool = False
+    seconds: float = 0.0
+    written: dict[str, str] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare(inputs: Iterable[str | Path], out_dir: str | Path, methods: str = "auto",
+            options: dict[str, Any] | None = None, *, lpips_weights: str | Path | None = None,
+            trusted: Iterable[str] = (), resume: bool = True, threads: int = 1) -> tuple[list[AuditInput],
+                                                                                          AuditSettings]:
+    """The updates to audit and the settings every task shares, after every check that
+    needs no update read: the methods and their options (by the registries' own rules),
+    the LPIPS weights, and that no output is an input."""
+    from gitool.paths import refuse_overlap
+
+    out_dir = Path(out_dir)
+    selection = parse_methods(methods)
+    options = {key: value for key, value in (options or {}).items() if value is not None}
+    check_options(selection, options)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out-dir {out_dir} is a file, not a folder")
+    if lpips_weights is not None:
+        from gitool.lpips import load_lpips
+
+        load_lpips(lpips_weights)  # an unusable file fails now, not in every task
+    items = find_updates(inputs)
+    outputs = [("--out-dir file", path) for item in items for path in possible_outputs(item, out_dir, selection)]
+    outputs += [("--out-dir file", out_dir / name) for name in REPORT_FILES]
+    readers = [("the update", item.path) for item in items] + [("the truth", item.truth()) for item in items]
+    refuse_overlap(readers + [("--lpips-weights", Path(lpips_weights) if lpips_weights else None)], outputs)
+    settings = AuditSettings(out_dir=str(out_dir), selection=selection, options=options,
+                             lpips_weights=str(lpips_weights) if lpips_weights else None,
+                             trusted=tuple(trusted), resume=resume, threads=threads)
+    return items, settings
+
+
+def check_options(selection: Selection, options: dict[str, Any]) -> None:
+    """Impossible option values fail before any file is read, for every method that may run."""
+    from gitool.labels import LABEL_METHODS
+    from gitool.reconstruct import RECON_METHODS
+
+    for name in selection.labels:
+        for entry in (LABEL_METHODS.values() if name == "auto" else [LABEL_METHODS[name]]):
+            entry.parse_options(options, require_aux=name != "auto")
+    for name in selection.reconstruct:
+        for entry in ([RECON_METHODS["fc"], RECON_METHODS["conv"]] if name == "analytic" else [RECON_METHODS[name]]):
+            entry.parse_options(options)
+
+
+def possible_outputs(item: AuditInput, out_dir: Path, selection: Selection) -> list[Path]:
+    """Every file the audit may write for ``item``: each step's main result and, where a
+    step has several methods, each method's own."""
+    paths = []
+    for step, methods in (("labels", selection.labels), ("features", ("features",) if selection.features else ()),
+                          ("reconstruct", selection.reconstruct)):
+        if not methods:
+            continue
+        paths.append(item.output(out_dir, step))
+        if len(methods) > 1:  # which one is the main result depends on the update
+            paths.extend(item.output(out_dir, step, name) for name in _concrete(methods))
+    return paths
+
+
+def _concrete(methods: tuple[str, ...]) -> list[str]:
+    """Registry names for "auto" (any label method) and "analytic" (fc, conv)."""
+    from gitool.labels import LABEL_METHODS
+
+    groups = {"auto": tuple(LABEL_METHODS), "analytic": ("fc", "conv")}
+    return [name for method in methods for name in groups.get(method, (method,))]
+
+
+def run(items: list[AuditInput], settings: AuditSettings, *, workers: int = 1, scheduler: Any = None,
+        retries: int = 2, on_record: Callable[[dict[str, Any]], None] | None = None, report: bool = True,
+        context: dict[str, Any] | None = None) -> AuditOutcome:
+    """Audit ``items`` and write the report. Ctrl-C or SIGTERM stop the run; the report of
+    the finished updates is still written and the outcome says ``interrupted``."""
+    from gitool.atomic import Terminated, deferred_sync
+    from gitool.audit import runners
+
+    out_dir = Path(settings.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tasks = [AuditTask(item, settings) for item in items]
+    records: list[dict[str, Any]] = []
+
+    def collect(record: dict[str, Any]) -> None:
+        records.append(record)
+        if on_record is not None:
+            on_record(record)
+
+    started = time.perf_counter()
+    interrupted = False
+    with deferred_sync():  # one sync for all the files written here and by local workers
+        try:
+            if scheduler is not None:
+                runners.run_dask(tasks, collect, scheduler, retries=retries)
+            elif workers > 1:
+                runners.run_pool(tasks, workers, collect)
+            else:
+                runners.run_serial(tasks, collect)
+        except (KeyboardInterrupt, Terminated):
+            interrupted = True
+        seconds = time.perf_counter() - started
+        records.sort(key=lambda r: r["name"])
+        outcome = AuditOutcome(records=records, total=len(tasks), interrupted=interrupted, seconds=seconds)
+        if report:
+            from gitool.audit.report import write_report
+
+            outcome.summary, outcome.written = write_report(records, out_dir, total=len(tasks),
+                                                            interrupted=interrupted, settings=settings,
+                                                            context=context or {})
+    return outcome
