@@ -760,7 +760,10 @@ def audit(
         out.print(f"wrote {', '.join(outcome.written.values())} ({len(outcome.records)} updates in "
                   f"{outcome.seconds:.1f} s)", highlight=False, soft_wrap=True)
     if outcome.interrupted:
-        raise KeyboardInterrupt
+        err.print(f"[bold red]interrupted:[/] {len(outcome.records)} of {outcome.total} updates finished; their "
+                  "results and the report are kept, and the same command finishes the rest", highlight=False,
+                  soft_wrap=True)
+        raise typer.Exit(130)
 
 
 def _audit_note(record: dict[str, Any]) -> str | None:

@@ -107,14 +107,14 @@ def open_regular(path: str | Path, what: str = "a file"):
 
 def check_depth(value: Any, where: str, limit: int = JSON_DEPTH_LIMIT) -> None:
     """Refuse JSON nested deeper than ``limit`` (iteratively: no recursion to exhaust)."""
-    stack = [(value, 1)]
-    while stack:
+    containers = (dict, list)
+    stack = [(value, 1)] if isinstance(value, containers) else []
+    while stack:  # only containers are pushed: a header's many numbers cost one isinstance each
         item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
-            if depth > limit:
-                raise GitoolError(f"{where}: JSON nested deeper than {limit} levels")
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
+        if depth > limit:
+            raise GitoolError(f"{where}: JSON nested deeper than {limit} levels")
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend([(child, depth + 1) for child in children if isinstance(child, containers)])
 
 
 def loads_json(text: str | bytes, where: str) -> Any:

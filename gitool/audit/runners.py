@@ -8,9 +8,11 @@ the report and Ctrl-C behave the same everywhere:
 - :func:`run_serial`: one task after another (``--workers 1``);
 - :func:`run_pool`: ``--workers N`` processes. They start from a fork server that has
   imported torch and gitool once, so a worker costs a fork, not an import; each builds a
-  model once and keeps it (`gitool.models.cached_model`) for every update it audits.
-  Ctrl-C (or SIGTERM) cancels what has not started and stops the workers; their partial
-  writes are temporary files that vanish (`gitool.atomic`), finished results stay;
+  model once and keeps it (`gitool.models.cached_model`) for every update it audits, and
+  gets one task at a time through its own pipe, so the parent always knows which task a
+  worker holds: a worker that dies is replaced and its task tried again. Ctrl-C (or
+  SIGTERM) stops the workers; their partial writes are temporary files that vanish
+  (`gitool.atomic`), finished results stay;
 - :func:`run_dask`: ``--scheduler tcp://HOST:PORT``, one Dask task per update. A worker
   that dies costs its task only: the scheduler reruns it elsewhere, and a rerun of a task
   reuses what it had already written. The workers must see the same files (a shared
@@ -41,18 +43,59 @@ def run_serial(tasks: Sequence[AuditTask], on_record: OnRecord) -> None:
 # --------------------------------------------------------------------------- a process pool
 
 
-def _worker_start() -> None:
-    """A pool worker leaves Ctrl-C to the parent (which stops it with SIGTERM), and turns
-    SIGTERM into an exception so that a write in progress removes its temporary file."""
-    from gitool.atomic import install_signal_handlers
+def _serve(conn) -> None:
+    """A pool worker: run each task the parent sends, send its record back, until told to
+    stop (None) or the parent goes away. Ctrl-C is the parent's to handle (it stops the
+    workers with SIGTERM, which `gitool.atomic` turns into an exception that removes a
+    temporary file being written)."""
+    from gitool.atomic import Terminated, install_signal_handlers
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     install_signal_handlers()
+    try:
+        while True:
+            task = conn.recv()
+            if task is None:
+                return
+            conn.send(run_task(task))
+    except (EOFError, OSError, Terminated):  # the parent went away or stops us
+        return
 
 
-def run_pool(tasks: Sequence[AuditTask], workers: int, on_record: OnRecord) -> None:
+class _Worker:
+    """One worker process and the pipe to it; ``task`` is the index it holds, if any."""
+
+    def __init__(self, context) -> None:
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_serve, args=(child,), daemon=True)
+        self.process.start()
+        child.close()
+        self.task: int | None = None
+
+    def give(self, index: int, task: AuditTask) -> None:
+        self.task = index
+        try:
+            self.conn.send(task)
+        except OSError:  # it died; the wait loop finds its sentinel ready and retries the task
+            pass
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (a task in flight unwinds, removing its temporary files), then SIGKILL."""
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(timeout)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join()
+        self.conn.close()
+
+
+def run_pool(tasks: Sequence[AuditTask], workers: int, on_record: OnRecord, retries: int = 1) -> None:
+    """``workers`` processes, each sent one task at a time. A worker that dies (killed, out
+    of memory) is replaced and its task tried again, ``retries`` times, then recorded as lost."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from collections import deque
+    from multiprocessing.connection import wait
 
     if workers < 1:
         raise UsageError("--workers must be at least 1")
@@ -61,29 +104,48 @@ def run_pool(tasks: Sequence[AuditTask], workers: int, on_record: OnRecord) -> N
         context.set_forkserver_preload(PRELOAD)
     else:  # macOS, Windows: each worker imports for itself
         context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_start)
-    futures = {pool.submit(run_task, task): task for task in tasks}
-    try:
-        for future in as_completed(futures):
-            on_record(_record_of(future, futures[future]))
-    except BaseException:  # Ctrl-C, SIGTERM or a failing callback: stop the workers now
-        processes = list((getattr(pool, "_processes", None) or {}).values())
-        pool.shutdown(wait=False, cancel_futures=True)
-        for process in processes:
-            if process.is_alive():
-                os.kill(process.pid, signal.SIGTERM)
-        for process in processes:
-            process.join(timeout=10)
-        raise
-    pool.shutdown(wait=True)
+    waiting = deque(range(len(tasks)))
+    failures: dict[int, int] = {}
+    pool = [_Worker(context) for _ in range(min(workers, len(tasks)))]
 
+    def feed(worker: _Worker) -> None:
+        if waiting:
+            index = waiting.popleft()
+            worker.give(index, tasks[index])
+        else:
+            worker.task = None
 
-def _record_of(future, task: AuditTask) -> dict[str, Any]:
-    """The task's record, or a record of how its process was lost."""
     try:
-        return future.result()
-    except Exception as exc:  # the worker process died (killed, out of memory)
-        return lost_record(task, f"its worker process was lost ({type(exc).__name__}: {exc})")
+        for worker in pool:
+            feed(worker)
+        while any(worker.task is not None for worker in pool):
+            busy = [worker for worker in pool if worker.task is not None]
+            ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy])
+            for number, worker in enumerate(pool):
+                if worker.task is None or not (worker.conn in ready or worker.process.sentinel in ready):
+                    continue
+                try:
+                    record = worker.conn.recv()
+                except (EOFError, OSError):  # the process died with its task
+                    index, exit_code = worker.task, worker.process.exitcode
+                    worker.stop()
+                    pool[number] = worker = _Worker(context)
+                    failures[index] = failures.get(index, 0) + 1
+                    if failures[index] <= retries:
+                        worker.give(index, tasks[index])
+                    else:
+                        on_record(lost_record(tasks[index], f"its worker process died {failures[index]} time(s) "
+                                                           f"(last exit code {exit_code})"))
+                        feed(worker)
+                    continue
+                on_record(record)
+                feed(worker)
+        for worker in pool:
+            worker.conn.send(None)
+            worker.process.join(10)
+    finally:  # normal end, Ctrl-C, SIGTERM or a failing callback: no worker outlives the run
+        for worker in pool:
+            worker.stop()
 
 
 def lost_record(task: AuditTask, why: str) -> dict[str, Any]:

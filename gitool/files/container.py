@@ -11,6 +11,7 @@ files (``0007.update.safetensors`` -> ``0007.labels.safetensors``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import typing
@@ -220,9 +221,16 @@ def _section(raw: RawFile, key: str) -> dict[str, Any]:
     return value
 
 
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls) -> dict[str, Any]:
+    """A spec class's field types, resolved once (typing.get_type_hints re-evaluates them
+    on every call, a measurable share of reading an update)."""
+    return typing.get_type_hints(cls)
+
+
 def _build_spec(cls, raw: RawFile, key: str):
     values = dict(_section(raw, key))
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     strange = sorted(set(values) - set(hints))
     if strange:
         listed = ", ".join(name[:40] for name in strange[:6])

@@ -1,0 +1,120 @@
+"""One update in, its result files and a record out (gitool/audit/task.py): exact on clean
+updates, chainable into the single commands, resumable, scored only after the attacks,
+and every failure kept inside its record."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from gitool.audit import prepare, run
+
+
+def audit(inputs, out, methods="auto", **options):
+    items, settings = prepare(inputs if isinstance(inputs, list) else [inputs], out, methods, options)
+    return run(items, settings, report=False)
+
+
+def attacks(record):
+    return {(a["step"], a["method"]): a for a in record["attacks"]}
+
+
+def test_single_sample_updates_leak_exactly_and_their_results_chain(federated_run, tmp_path, run_cli):
+    out = tmp_path / "out"
+    outcome = audit(federated_run, out)
+    records = {r["name"]: r for r in outcome.records}
+    cnn = attacks(records["round-1/0000"])
+    assert cnn["labels", "bias"]["scores"]["max_abs_error"] < 1e-12
+    assert cnn["features", "features"]["scores"]["relative_error"] < 1e-10
+    assert cnn["reconstruct", "conv"]["scores"]["psnr"] > 200  # float64: exact to round-off
+    assert cnn["reconstruct", "conv"]["evidence"]["consistent"] is True
+    fcn = attacks(records["round-2/client-1"])
+    assert fcn["labels", "lambda"]["scores"]["eps_error"] < 1e-10  # the smoothing factor 0.1, recovered
+    assert fcn["reconstruct", "fc"]["scores"]["psnr"] > 200
+    assert records["round-2/client-1"]["client"] == "1" and records["round-2/client-1"]["round"] == 2
+    # the files are the single commands' own: score reads them by stem
+    assert (out / "round-1" / "0000.reconstruction.safetensors").is_file()
+    done = run_cli("score", out / "round-1", "--truth-dir", federated_run / "round-1", "--json")
+    assert done.exit_code == 0, done.stderr
+    rows = {Path(row["file"]).name: row for row in done.json()["files"]}
+    assert rows["0001.reconstruction.safetensors"]["psnr"] == pytest.approx(
+        attacks(records["round-1/0001"])["reconstruct", "conv"]["scores"]["psnr"])
+
+
+def test_counts_of_batches_and_multi_step_updates(federated_run, tmp_path):
+    outcome = audit(federated_run / "round-2", tmp_path / "out", "labels", aux="synthetic", aux_per_class=4)
+    records = {r["name"]: r for r in outcome.records}
+    multistep = attacks(records["client-2"])["labels", "rlu"]
+    assert multistep["status"] == "done" and multistep["scores"]["iAcc"] >= 0.9  # untrained LeNet: near exact
+    assert sum(multistep["evidence"]["counts"]) == 12 and sum(records["client-2"]["true_counts"]) == 12
+    assert records["client-3"]["defence"] == {"dp_clip": 1.0, "dp_noise": 0.5, "prune": None}
+
+
+def test_a_rerun_reuses_valid_results_and_recomputes_the_rest(run_copy, tmp_path):
+    out = tmp_path / "out"
+    audit(run_copy / "round-1", out)
+    labels = out / "0000.labels.safetensors"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    again = audit(run_copy / "round-1", out)
+    assert {a["status"] for r in again.records for a in r["attacks"]} == {"reused"}
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # a corrupt file, a result of another update, other options: recomputed, and what reads them too
+    labels.write_bytes(b"\0" * 100)
+    shutil.copy(out / "0001.features.safetensors", out / "0000.features.safetensors")
+    third = {r["name"]: attacks(r) for r in audit(run_copy / "round-1", out).records}
+    assert [third["0000"][k]["status"] for k in (("labels", "bias"), ("features", "features"),
+                                                 ("reconstruct", "conv"))] == ["done", "done", "done"]
+    assert {a["status"] for a in third["0001"].values()} == {"reused"}
+    assert labels.read_bytes() == before["0000.labels.safetensors"]
+    fourth = audit(run_copy / "round-1", out, family="smoothing")
+    assert {a["status"] for r in fourth.records for a in r["attacks"]} == {"done"}
+
+
+def test_no_result_depends_on_the_truth(run_copy, tmp_path):
+    """The attacks never read the truth: without it every result has the same bytes, only the scores go."""
+    out = tmp_path / "out"
+    audit(run_copy, out)
+    first = {p.relative_to(out): p.read_bytes() for p in out.rglob("*.safetensors")}
+    for truth in run_copy.rglob("*.truth.safetensors"):
+        truth.unlink()
+    items, settings = prepare([run_copy], out, "auto", {}, resume=False)
+    bare = run(items, settings, report=False)
+    assert {a["status"] for r in bare.records for a in r["attacks"]} <= {"done", "n/a"}
+    assert len(first) == 11 and {p.relative_to(out): p.read_bytes() for p in out.rglob("*.safetensors")} == first
+    record = {r["name"]: r for r in bare.records}["round-1/0000"]
+    assert record["truth"] is None and all("scores" not in a for a in record["attacks"])
+    # the attack's own evidence instead: the label and the image reproduce the gradient
+    evidence = attacks(record)["labels", "bias"]["evidence"]
+    assert evidence["consistent"] is True and evidence["residual"] < 1e-10
+
+
+def test_failures_stay_in_their_records(run_copy, tmp_path, monkeypatch):
+    (run_copy / "round-1" / "junk.update.safetensors").write_bytes(b"not a safetensors file")
+    shutil.copy(run_copy / "round-1" / "0001.truth.safetensors", run_copy / "round-1" / "0000.truth.safetensors")
+    from gitool import steps
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in feature recovery")
+
+    monkeypatch.setattr(steps, "feature_step", broken)
+    records = {r["name"]: r for r in audit(run_copy / "round-1", tmp_path / "out").records}
+    assert records["junk"]["status"] == "unreadable" and "junk.update.safetensors" in records["junk"]["error"]
+    first = attacks(records["0000"])
+    assert first["features", "features"]["status"] == "error"
+    assert "RuntimeError: a bug in feature recovery" in first["features", "features"]["reason"]
+    assert first["labels", "bias"]["status"] == "done" and first["reconstruct", "conv"]["status"] == "done"
+    # 0000's truth is 0001's: nothing is scored against it
+    assert records["0000"]["truth"] is None and "truth of another update" in records["0000"]["truth_note"]
+    assert "scores" in attacks(records["0001"])["labels", "bias"]
+
+
+def test_outputs_never_overwrite_inputs(federated_run, tmp_path):
+    """A result name that is a link to an input is refused before anything is written."""
+    from gitool.errors import UsageError
+
+    shutil.copy(federated_run / "round-1" / "0000.update.safetensors", tmp_path / "a.update.safetensors")
+    (tmp_path / "a.labels.safetensors").symlink_to(tmp_path / "a.update.safetensors")
+    with pytest.raises(UsageError, match="is also an input"):
+        prepare([tmp_path / "a.update.safetensors"], tmp_path, "labels")
