@@ -60,9 +60,11 @@ class ItemProgress:
 
     def __enter__(self) -> "ItemProgress":
         if self.enabled and self.terminal:
+            # No refresh thread (auto_refresh off, redrawn from advance): callers may fork workers.
             self.bar = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                                 MofNCompleteColumn(), RateColumn(self.unit), TimeElapsedColumn(),
-                                TextColumn("ETA"), TimeRemainingColumn(), console=self.console, transient=False)
+                                TextColumn("ETA"), TimeRemainingColumn(), console=self.console, transient=False,
+                                auto_refresh=False)
             self.bar.__enter__()
             self.task = self.bar.add_task(self.what, total=self.total)
         return self
@@ -73,10 +75,13 @@ class ItemProgress:
             self.notes[note] += 1
         if not self.enabled:
             return
+        now = time.monotonic()
         if self.bar is not None:
             self.bar.update(self.task, advance=1, description=f"{self.what}{self._notes()}")
+            if now - self.last_line >= 0.1 or self.done == self.total:
+                self.last_line = now
+                self.bar.refresh()
             return
-        now = time.monotonic()
         if now - self.last_line >= self.every:
             self.last_line = now
             self.console.print(self.line(now), highlight=False, soft_wrap=True)

@@ -6,8 +6,8 @@ hands each finished record to ``on_record`` in this process as it arrives, so pr
 the report and Ctrl-C behave the same everywhere:
 
 - :func:`run_serial`: one task after another (``--workers 1``);
-- :func:`run_pool`: ``--workers N`` processes. They start from a fork server that has
-  imported torch and gitool once, so a worker costs a fork, not an import; each builds a
+- :func:`run_pool`: ``--workers N`` processes, forked (on Linux) from this process once it
+  has imported torch and gitool, so a worker costs a fork, not an import; each builds a
   model once and keeps it (`gitool.models.cached_model`) for every update it audits, and
   gets one task at a time through its own pipe, so the parent always knows which task a
   worker holds: a worker that dies is replaced and its task tried again. Ctrl-C (or
@@ -21,8 +21,11 @@ the report and Ctrl-C behave the same everywhere:
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
+import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from gitool.audit.task import AuditTask, run_task
@@ -30,9 +33,9 @@ from gitool.errors import GitoolError, UsageError
 
 OnRecord = Callable[[dict[str, Any]], None]
 
-# What a pool worker's fork server imports once, so that every worker starts warm.
-PRELOAD = ["torch", "gitool.audit.task", "gitool.steps", "gitool.files", "gitool.metrics", "gitool.labels_single",
-           "gitool.labels_batch", "gitool.reconstruct_analytic", "gitool.models"]
+# What the parent imports once before forking its workers, so that every worker starts warm.
+PRELOAD = ["torch", "scipy.optimize", "gitool.audit.task", "gitool.steps", "gitool.files", "gitool.metrics",
+           "gitool.labels_single", "gitool.labels_batch", "gitool.reconstruct_analytic", "gitool.models"]
 
 
 def run_serial(tasks: Sequence[AuditTask], on_record: OnRecord) -> None:
@@ -99,9 +102,13 @@ def run_pool(tasks: Sequence[AuditTask], workers: int, on_record: OnRecord, retr
 
     if workers < 1:
         raise UsageError("--workers must be at least 1")
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(PRELOAD)
+    if sys.platform.startswith("linux"):
+        # Forked from this process with gitool imported: a worker starts in milliseconds and
+        # shares the imported code. Safe here: no torch thread pool has started (one thread
+        # per worker, set in the task) and the progress display runs no thread.
+        for module in PRELOAD:
+            importlib.import_module(module)
+        context = multiprocessing.get_context("fork")
     else:  # macOS, Windows: each worker imports for itself
         context = multiprocessing.get_context("spawn")
     waiting = deque(range(len(tasks)))
@@ -171,6 +178,16 @@ def dask_client(address: str):
         raise GitoolError(f"--scheduler {address}: cannot reach a Dask scheduler there ({exc})") from None
 
 
+def absolute(task: AuditTask) -> AuditTask:
+    """The task with absolute paths: a cluster's workers run in folders of their own."""
+    from dataclasses import replace
+
+    settings = task.settings
+    lpips = str(Path(settings.lpips_weights).absolute()) if settings.lpips_weights else None
+    return replace(task, item=replace(task.item, path=task.item.path.absolute()),
+                   settings=replace(settings, out_dir=str(Path(settings.out_dir).absolute()), lpips_weights=lpips))
+
+
 def run_dask(tasks: Sequence[AuditTask], on_record: OnRecord, scheduler: Any, retries: int = 2) -> None:
     """Run on the cluster of ``scheduler``: an address (a client is made and closed here)
     or a ``distributed.Client``. ``retries`` reruns a task that raised; a task whose
@@ -182,8 +199,8 @@ def run_dask(tasks: Sequence[AuditTask], on_record: OnRecord, scheduler: Any, re
     futures = []
     try:
         token = os.urandom(4).hex()
-        futures = client.map(run_task, list(tasks), key=[f"gitool-audit-{token}-{i}" for i in range(len(tasks))],
-                             pure=False, retries=retries)
+        futures = client.map(run_task, [absolute(task) for task in tasks],
+                             key=[f"gitool-audit-{token}-{i}" for i in range(len(tasks))], pure=False, retries=retries)
         by_key = {future.key: task for future, task in zip(futures, tasks)}
         for future in as_completed(futures):
             task = by_key[future.key]

@@ -49,6 +49,15 @@ def test_worker_processes_give_what_one_process_gives(federated_run, tmp_path):
     assert (tmp_path / "1" / "report.html").read_bytes() == (tmp_path / "2" / "report.html").read_bytes()
 
 
+def _end_group(process: subprocess.Popen) -> None:
+    """Kill what is left of a test's process group (its workers, a cluster)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
 def gitool(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     return subprocess.Popen([sys.executable, "-m", "gitool", *args], env=env, stdout=subprocess.PIPE,
@@ -66,7 +75,11 @@ def test_ctrl_c_keeps_finished_results_and_a_rerun_completes(fedavg_run, tmp_pat
     while len(list(out.glob("*.labels.safetensors"))) < 3 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
-    _, stderr = process.communicate(timeout=120)
+    try:
+        _, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        _end_group(process)
+        raise
     if process.returncode == 0:
         pytest.skip("the audit finished before Ctrl-C arrived (machine too fast for this test's window)")
     assert process.returncode == 130, stderr
@@ -83,7 +96,10 @@ def test_ctrl_c_keeps_finished_results_and_a_rerun_completes(fedavg_run, tmp_pat
     assert all(load_result(path).kind == "labels" for path in finished)
     assert not list(out.glob(".*gitool-tmp"))
     rerun = gitool(*argv, "--json")
-    stdout, stderr = rerun.communicate(timeout=300)
+    try:
+        stdout, stderr = rerun.communicate(timeout=300)
+    finally:
+        _end_group(rerun)
     assert rerun.returncode == 0, stderr
     assert json.loads(stdout)["audited"] == SLOW
     import csv
@@ -120,3 +136,43 @@ def test_a_dask_worker_killed_mid_audit_costs_only_its_tasks(fedavg_run, tmp_pat
         assert load_result(record["attacks"][0]["output"]).source["sha256"] == record["sha256"]
     # the scheduler took the killed worker's tasks back (running, queued or finished but not yet fetched)
     assert events and events[0]["processing-tasks"] | events[0]["lost-computed-tasks"]
+
+
+FAKE_JOBQUEUE = '''
+"""Stand-in for dask_jobqueue in tests: SLURMCluster's jobs become local worker processes."""
+from distributed import LocalCluster
+
+
+class SLURMCluster(LocalCluster):
+    def __init__(self, cores, processes, memory, walltime, **kwargs):
+        super().__init__(n_workers=0, threads_per_worker=1, processes=True, dashboard_address=None,
+                         silence_logs=50)
+        self.per_job = processes
+
+    def scale(self, jobs=0, **kwargs):
+        return super().scale(min(2, jobs * self.per_job))
+'''
+
+
+def test_the_readme_slurm_script_runs_as_printed(federated_run, tmp_path):
+    """README's audit_on_slurm.py, with Slurm's jobs as local processes."""
+    pytest.importorskip("distributed")
+    from tests.test_docs import readme_blocks
+
+    script = [b["body"] for b in readme_blocks() if b["body"].startswith("# audit_on_slurm.py")]
+    assert len(script) == 1
+    (tmp_path / "audit_on_slurm.py").write_text(script[0])
+    (tmp_path / "dask_jobqueue.py").write_text(FAKE_JOBQUEUE)
+    (tmp_path / "run").symlink_to(federated_run / "round-1")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path)}
+    process = subprocess.Popen([sys.executable, "audit_on_slurm.py"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=240)
+    finally:  # the cluster's processes too, whatever happened
+        _end_group(process)
+    done = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "High risk" in done.stdout and (tmp_path / "audit" / "report.html").is_file()
+    assert sorted(p.name for p in (tmp_path / "audit").glob("*.reconstruction.safetensors")) == [
+        "0000.reconstruction.safetensors", "0001.reconstruction.safetensors"]
