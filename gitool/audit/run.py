@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from gitool.audit.layout import AuditInput, find_updates
+from gitool.audit.layout import AuditInput, find_updates, output_path
 from gitool.audit.planner import Selection, parse_methods
 from gitool.audit.task import AuditSettings, AuditTask
 from gitool.errors import UsageError
@@ -51,7 +51,7 @@ def prepare(inputs: Iterable[str | Path], out_dir: str | Path, methods: str = "a
         load_lpips(lpips_weights)  # an unusable file fails now, not in every task
     items = find_updates(inputs)
     outputs = [("--out-dir file", path) for item in items for path in possible_outputs(item, out_dir, selection)]
-    outputs += [("--out-dir file", out_dir / name) for name in REPORT_FILES]
+    outputs += [("--out-dir file", str(out_dir / name)) for name in REPORT_FILES]
     readers = [("the update", item.path) for item in items] + [("the truth", item.truth()) for item in items]
     refuse_overlap(readers + [("--lpips-weights", Path(lpips_weights) if lpips_weights else None)], outputs)
     settings = AuditSettings(out_dir=str(out_dir), selection=selection, options=options,
@@ -73,7 +73,7 @@ def check_options(selection: Selection, options: dict[str, Any]) -> None:
             entry.parse_options(options)
 
 
-def possible_outputs(item: AuditInput, out_dir: Path, selection: Selection) -> list[Path]:
+def possible_outputs(item: AuditInput, out_dir: Path, selection: Selection) -> list[str]:
     """Every file the audit may write for ``item``: each step's main result and, where a
     step has several methods, each method's own."""
     paths = []
@@ -81,9 +81,9 @@ def possible_outputs(item: AuditInput, out_dir: Path, selection: Selection) -> l
                           ("reconstruct", selection.reconstruct)):
         if not methods:
             continue
-        paths.append(item.output(out_dir, step))
+        paths.append(output_path(out_dir, item.name, step))
         if len(methods) > 1:  # which one is the main result depends on the update
-            paths.extend(item.output(out_dir, step, name) for name in _concrete(methods))
+            paths.extend(output_path(out_dir, item.name, step, name) for name in _concrete(methods))
     return paths
 
 

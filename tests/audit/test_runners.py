@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gitool.audit import prepare, run
-from tests.audit.conftest import capture_into
+from .conftest import capture_into
 
 SLOW = 24  # FedAvg updates whose RLU counts take a noticeable time each
 
