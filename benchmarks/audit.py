@@ -11,8 +11,9 @@ process per client), into a cache folder:
 Then ``gitool audit`` runs in a fresh process on the first N single updates (soft labels
 and features: ``--methods labels,features``) for each N of ``--sizes``, and on the FedAvg
 updates (label counts by RLU with auxiliary data: ``--methods labels --aux synthetic``).
-Each row gives the whole process's wall time, the audit's own time (tasks and report,
-from ``--json``), both per update, and the load average around the run: on a shared
+Each row gives the whole process's wall time (start-up, finding and checking the inputs,
+the tasks, the report), the tasks' time alone and the report's (from ``--json``), and the
+load average around the run: on a shared
 machine the figures are inflated by the other work, so re-measure quietly with
 
     OMP_NUM_THREADS=1 python benchmarks/audit.py                       # everything (~15 min quiet)
@@ -91,8 +92,8 @@ def audit(inputs: Path, out: Path, workers: int, methods: str, extra: list[str])
     if done.returncode != 0:
         raise SystemExit(f"gitool audit failed ({done.returncode}): {done.stderr[-2000:]}")
     document = json.loads(done.stdout)
-    return {"wall": wall, "audit": document["seconds"], "audited": document["audited"], "load": (before, load()),
-            "overall": document["overall"]}
+    return {"wall": wall, "audit": document["seconds"], "report": document["report_seconds"],
+            "audited": document["audited"], "load": (before, load()), "overall": document["overall"]}
 
 
 def row(name: str, count: int, workers: int, result: dict) -> str:
@@ -101,7 +102,8 @@ def row(name: str, count: int, workers: int, result: dict) -> str:
     leak = (f"labels right {overall['label_accuracy']:.3f}" if overall.get("label_accuracy") is not None
             else f"iAcc {overall['iAcc']:.3f}" if overall.get("iAcc") is not None else "-")
     return (f"| {name} | {count} | {workers} | {wall:.1f} | {1e3 * wall / count:.2f} | {inner:.1f} | "
-            f"{1e3 * inner / count:.2f} | {result['load'][0]:.1f} / {result['load'][1]:.1f} | {leak} |")
+            f"{1e3 * inner / count:.2f} | {result['report']:.1f} | {result['load'][0]:.1f} / {result['load'][1]:.1f} "
+            f"| {leak} |")
 
 
 def main() -> None:
@@ -120,8 +122,8 @@ def main() -> None:
         make_run(args.cache / "fedavg", args.fedavg, 8, 5, 0.5)
     print(f"gitool audit, whole process; {os.cpu_count()} cores; load average (1 min) before / after each run")
     print()
-    print("| run | updates | workers | wall s | ms/update | audit s | ms/update (audit) | load | leakage |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| run | updates | workers | wall s | ms/update | tasks s | ms/update (tasks) | report s | load | leakage |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for count in sizes:

@@ -750,7 +750,7 @@ def audit(
                       context={"inputs": [str(i) for i in inputs], "methods": methods})
     if json_output:
         emit_json({"updates": outcome.total, "audited": len(outcome.records), "interrupted": outcome.interrupted,
-                   "seconds": outcome.seconds, "written": outcome.written, "findings": outcome.summary["findings"],
+                   "seconds": outcome.seconds, "report_seconds": outcome.report_seconds, "written": outcome.written, "findings": outcome.summary["findings"],
                    "overall": outcome.summary["overall"]})
     else:
         findings = outcome.summary["findings"]

@@ -25,7 +25,8 @@ class AuditOutcome:
     records: list[dict[str, Any]]
     total: int
     interrupted: bool = False
-    seconds: float = 0.0
+    seconds: float = 0.0  # the tasks
+    report_seconds: float = 0.0
     written: dict[str, str] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
 
@@ -134,4 +135,5 @@ def run(items: list[AuditInput], settings: AuditSettings, *, workers: int = 1, s
             outcome.summary, outcome.written = write_report(records, out_dir, total=len(tasks),
                                                             interrupted=interrupted, settings=settings,
                                                             context=context or {})
+            outcome.report_seconds = time.perf_counter() - started - seconds
     return outcome

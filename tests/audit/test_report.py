@@ -50,6 +50,20 @@ def test_summary_numbers_per_client_round_and_defence(audited):
     assert ("features", "n/a") in reasons and ("reconstruct", "n/a") in reasons
 
 
+def test_summary_json_follows_its_schema(audited):
+    jsonschema = pytest.importorskip("jsonschema")
+    from pathlib import Path
+
+    out, _ = audited
+    schema = json.loads((Path(__file__).resolve().parents[2] / "docs" / "schemas" /
+                         "audit-summary.schema.json").read_text())
+    document = json.loads((out / "summary.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert [e.message for e in jsonschema.Draft202012Validator(schema).iter_errors(document)] == []
+    document["findings"]["risk"] = "catastrophic"
+    assert not jsonschema.Draft202012Validator(schema).is_valid(document)
+
+
 def test_the_csv_has_one_row_per_update_and_attack(audited):
     out, outcome = audited
     rows = list(csv.DictReader(io.StringIO((out / "audit.csv").read_text())))
