@@ -9,6 +9,7 @@ server and three client processes on localhost) and scores RLU on its recordings
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -77,6 +78,21 @@ def train(arrays: list[np.ndarray], config: dict, client: int, samples: int = 16
         torch.nn.functional.cross_entropy(net(images[batch]), labels[batch]).backward()
         optimizer.step()
     return [v.detach().numpy() for v in net.state_dict().values()]
+
+
+def schema_problems(path: Path) -> list[str]:
+    """What docs/schemas/update.schema.json finds wrong in an update file's metadata."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from referencing import Registry
+    from referencing.jsonschema import DRAFT202012
+
+    registry = Registry().with_resources([(p.name, DRAFT202012.create_resource(json.loads(p.read_text())))
+                                          for p in (ROOT / "docs/schemas").glob("*.schema.json")])
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        meta = json.loads(json.loads(handle.read(size))["__metadata__"]["gitool.meta"])
+    validator = jsonschema.Draft202012Validator({"$ref": "update.schema.json"}, registry=registry)
+    return [error.message for error in validator.iter_errors(meta)]
 
 
 def fit_res(arrays, num_examples: int = 16, **metrics) -> FitRes:
@@ -178,6 +194,7 @@ def test_fedavg_recorded_every_client_its_update_and_facts(tmp_path):
         flower = update.provenance["flower"]
         assert (flower["server_round"], flower["client"], flower["num_examples"]) == (1, f"client-{i}", 16)
         assert flower["fit_config"] == CONFIG and flower["strategy"] == "FedAvg"
+        assert schema_problems(path) == []
 
 
 def test_fedprox_config_makes_the_optimizer_fedprox(tmp_path):
