@@ -329,6 +329,8 @@ NormalizeOpt = Annotated[Optional[str], typer.Option(
     help="none | half | cifar10 | cifar100 | imagenet | MEAN/STD (comma lists); capture: default the --init "
          "checkpoint's, else none.",
     rich_help_panel="private data")]
+OutDirOpt = Annotated[Optional[Path], typer.Option("--out-dir", help="Folder for many updates: each output keeps "
+                      "its input's stem (0007.update.safetensors -> 0007.labels.safetensors, ...).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout, nothing else.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, cuda:1 ...")]
 LABEL_METHOD_HELP = __import__("gitool.labels", fromlist=["METHOD_HELP"]).METHOD_HELP
@@ -418,8 +420,7 @@ def capture(
 def labels(
     updates: Annotated[list[Path], typer.Argument(help="Update files, or folders of *.update.safetensors.")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="The labels file (one update).")] = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out-dir", help="Folder for many updates: each output keeps its "
-                       "input's stem (0007.update -> 0007.labels).")] = None,
+    out_dir: OutDirOpt = None,
     method: Annotated[str, typer.Option("--method", help=LABEL_METHOD_HELP)] = "auto",
     family: Annotated[Optional[str], typer.Option("--family", help="Label family prior for the single-sample "
                       "methods: auto (fit smoothing and mixup, keep the clearly better) | hard | smoothing | mixup; "
@@ -468,8 +469,7 @@ def features(
                            "many updates: the folder of STEM.labels.safetensors).")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="The features file to write (one "
                       "update).")] = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out-dir", help="Folder for many updates: each output keeps "
-                       "its input's stem (0007.update -> 0007.features).")] = None,
+    out_dir: OutDirOpt = None,
     model: TrustOpt = None,
     device: DeviceOpt = "cpu",
     json_output: JsonOpt = False,
@@ -500,8 +500,7 @@ def reconstruct(
                        "capture`), or several, or folders of *.update.safetensors.")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Reconstruction file to write (one "
                       "update).")] = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out-dir", help="Folder for many updates: each output keeps "
-                       "its input's stem (0007.update -> 0007.reconstruction).")] = None,
+    out_dir: OutDirOpt = None,
     labels_path: Annotated[Optional[Path], typer.Option("--labels", "-l", help="Recovered labels (from `gitool "
                            "labels`; for many updates the folder of STEM.labels.safetensors).")] = None,
     features_path: Annotated[Optional[Path], typer.Option("--features", "-f", help="Recovered last-layer features "
