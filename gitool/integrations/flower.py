@@ -432,12 +432,13 @@ class RecordingStrategy(Strategy):
         return path
 
     def _state(self, parameters: Parameters, part: str, where: str) -> dict:
-        from gitool.interop import read_npy_list, state_of_list
+        from gitool.files.foreign import read_npy_list
+        from gitool.interop import state_of_list
 
         if parameters.tensor_type not in ("numpy.ndarray", ""):
             raise GitoolError(f"{where}: tensor_type {parameters.tensor_type[:40]!r}; gitool reads Flower's "
                               "numpy.ndarray lists")
-        arrays = read_npy_list(list(parameters.tensors), self.layout, where)
+        arrays = read_npy_list(list(parameters.tensors), self.layout.budget, len(self.layout.state), where)
         return state_of_list(arrays, part, self.layout, where)
 
 
