@@ -379,7 +379,11 @@ class RecordingStrategy(Strategy):
 
     def _name(self, proxy: ClientProxy, res: FitRes) -> tuple[str, list[str]]:
         if callable(self.client_name):
-            value, source = self.client_name(proxy, res), "the recorder's client_name function"
+            source = "the recorder's client_name function"
+            try:
+                value = self.client_name(proxy, res)
+            except Exception as exc:  # the operator's function must not stop the federation
+                value = f"<{type(exc).__name__}>"
         elif self.client_name == "cid":
             return _cid_name(proxy.cid), []
         else:

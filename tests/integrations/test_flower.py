@@ -264,6 +264,26 @@ def test_same_round_same_bytes_and_attacks_read_the_files(tmp_path, run_cli):
     assert done.exit_code == 2 and "batch_size (--batch-size)" in done.stderr and "lr (--lr)" in done.stderr
 
 
+def test_a_user_model_named_in_code_is_recorded_by_its_factory(tmp_path, monkeypatch):
+    (tmp_path / "fl_usernet.py").write_text(
+        "from torch import nn\n"
+        "def make(num_classes=10, input_shape=(3, 16, 16)):\n"
+        "    c, h, w = input_shape\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, 32), nn.ReLU(), nn.Linear(32, num_classes))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = ModelSpec(name="fl_usernet:make", num_classes=10, input_shape=(3, 16, 16))
+    net = build_model(spec)  # the operator's own model and code
+    sent = [v.detach().numpy().copy() for v in net.state_dict().values()]
+    moved = [v + 0.01 for v in sent]
+    recorder = RecordingStrategy(fedavg(1), tmp_path / "rec", spec)
+    manager = SimpleClientManager()
+    manager.register(Proxy("c"))
+    (proxy, _), = recorder.configure_fit(1, ndarrays_to_parameters(sent), manager)
+    (path,) = recorder.record_round(1, [(proxy, fit_res(moved))])
+    update = load_update(path)
+    assert update.model.name == "fl_usernet:make" and update.training.steps == 2
+
+
 # --------------------------------------------------------------------------- the sample federation
 
 
