@@ -1,6 +1,6 @@
 """Run the sample Flower federation on localhost: one server and N client processes.
 
-    python samples/flower/federation.py OUT_DIR [--clients 3] [--rounds 2] [--timeout 120]
+    python samples/flower/federation.py OUT_DIR [--clients 3] [--rounds 2] [--epochs 1] [--timeout 120]
 
 Picks a free port on 127.0.0.1, starts ``server.py`` (FedAvg wrapped by gitool's
 recorder), waits until it listens, starts the clients (``client.py``), and waits for all
@@ -58,7 +58,7 @@ def stop(processes: list[subprocess.Popen]) -> None:
             process.wait()
 
 
-def run(out: Path, clients: int, rounds: int, timeout: float, samples: int, seed: int) -> int:
+def run(out: Path, clients: int, rounds: int, timeout: float, samples: int, seed: int, epochs: int = 1) -> int:
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
@@ -85,7 +85,7 @@ def run(out: Path, clients: int, rounds: int, timeout: float, samples: int, seed
     deadline = started + timeout
     try:
         server = start("server", "server.py", "--address", address, "--clients", str(clients), "--rounds",
-                       str(rounds), "--seed", str(seed), "--out", str(out / "updates"))
+                       str(rounds), "--epochs", str(epochs), "--seed", str(seed), "--out", str(out / "updates"))
         while not listening(port):
             if server.poll() is not None:
                 print(f"the server stopped before listening; see {logs / 'server.log'}", file=sys.stderr)
@@ -126,10 +126,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--samples", type=int, default=32, help="private samples per client")
+    parser.add_argument("--epochs", type=int, default=1, help="local epochs per round (batch size 8)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds before everything is stopped")
     args = parser.parse_args()
-    sys.exit(run(args.out, args.clients, args.rounds, args.timeout, args.samples, args.seed))
+    sys.exit(run(args.out, args.clients, args.rounds, args.timeout, args.samples, args.seed, args.epochs))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
 #   labels      the server recovers each client's label counts from its update alone (RLU)
 #   score       only now the clients' truth files: cAcc / iAcc per round and client
 #
-# Usage: samples/flower/run.sh OUT_DIR     (after `source .venv/bin/activate`; about 30 s on 2 CPU cores)
+# Usage: samples/flower/run.sh OUT_DIR     (after `source .venv/bin/activate`; under a minute on 2 CPU cores)
 # Every process listens or connects on 127.0.0.1 only and is stopped when the federation ends.
 set -euo pipefail
 
