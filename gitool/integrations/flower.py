@@ -44,8 +44,8 @@ byte budget, and the lists are checked against the model (:mod:`gitool.interop`)
 Names: ``client_name`` picks a client's file name: ``"cid"`` (Flower's id of the
 connection), the name of a metric the client reports in ``FitRes.metrics`` (an integer
 ``i`` gives ``client-i``), or a function of (ClientProxy, FitRes). A name that is not
-1 to 64 letters, digits, ``-`` or ``_`` falls back to the cid; a name taken twice in a
-round keeps the first client (in name order) and skips the others. Nothing is ever
+1 to 64 letters, digits, ``-`` or ``_`` falls back to the cid; of results that share a
+name in a round, the first (in Flower's order) is recorded and the others skipped. Nothing is ever
 written over: the recorder refuses an ``out_dir`` that already holds rounds.
 
 A client the recorder cannot record (parameters that do not fit the model, NaN, an
