@@ -137,3 +137,38 @@ def run(items: list[AuditInput], settings: AuditSettings, *, workers: int = 1, s
                                                             context=context or {})
             outcome.report_seconds = time.perf_counter() - started - seconds
     return outcome
+
+
+def audit(*, inputs: list[Path], out_dir: Path, methods: str = "auto", aux: str | None = None,
+          aux_per_class: int | None = None, family: str | None = None, time_budget: float | None = None,
+          lpips_weights: Path | None = None, workers: int = 1, scheduler: str | None = None, retries: int = 2,
+          threads: int = 1, resume: bool = True, seed: int = 0, model: list[str] | None = None, device: str = "cpu",
+          progress=None) -> AuditOutcome:
+    """``gitool audit`` on files: check the options, find and check the inputs, run the
+    tasks (reporting each finished update to ``progress``, a `gitool.steps.Progress`),
+    write the report."""
+    from gitool.resolve import trust_models
+    from gitool.steps import check_device, check_seed
+
+    if workers < 1 or threads < 1 or retries < 0:
+        raise UsageError("--workers and --threads must be at least 1, --retries at least 0")
+    if scheduler is not None and workers != 1:
+        raise UsageError("--scheduler runs the tasks on the cluster's workers; drop --workers")
+    check_device(device)
+    check_seed(seed)
+    trust_models(model)
+    options = {"aux": aux, "aux_per_class": aux_per_class, "family": family, "time_budget": time_budget,
+               "seed": seed, "device": device}
+    items, settings = prepare(inputs, out_dir, methods, options, lpips_weights=lpips_weights, trusted=model or (),
+                              resume=resume, threads=threads)
+
+    def finished(record: dict[str, Any]) -> None:
+        if progress is not None:
+            if record.get("status") != "ok":
+                progress.failed(Path(record["update"]), record.get("error") or record["status"])
+            progress.advance(record)
+
+    if progress is not None:
+        progress.start("audit", len(items))
+    return run(items, settings, workers=workers, scheduler=scheduler, retries=retries, on_record=finished,
+               context={"inputs": [str(i) for i in inputs], "methods": methods})

@@ -23,7 +23,7 @@ from typing import Any
 
 from gitool.audit.layout import AuditInput, client_and_round
 from gitool.audit.planner import Attack, Selection, plan
-from gitool.errors import GitoolError, UsageError
+from gitool.errors import GitoolError, UsageError, attack_errors
 
 # Result diagnostics kept in a record as the attack's own evidence (numbers, flags, short texts).
 EVIDENCE_KEYS = {
@@ -160,7 +160,8 @@ def _run_attack(attack: Attack, update, output: Path, main: dict, fresh: set, se
             return entry, result
     started = time.perf_counter()
     try:
-        result = _compute(attack, update, inputs)
+        with attack_errors():  # the math's own errors as gitool's: refused (input) or failed
+            result = _compute(attack, update, inputs)
         output.parent.mkdir(parents=True, exist_ok=True)
         from gitool.files import save_result
 
