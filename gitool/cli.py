@@ -562,10 +562,10 @@ def audit(
 
     Example: gitool audit runs/ --out-dir audit/ --workers 2   (then open audit/report.html)
     """
-    from gitool.audit.run import audit as run_audit
-
     options = dict(locals())
     json_output = options.pop("json_output")
+    from gitool.audit.run import audit as run_audit
+
     with reporting(enabled=not json_output) as progress:
         outcome = run_audit(**options, progress=progress)
     if json_output:
@@ -584,6 +584,7 @@ def audit(
                   "results and the report are kept, and the same command finishes the rest", highlight=False,
                   soft_wrap=True)
         raise typer.Exit(130)
+    outcome.raise_problems()
 
 
 # --------------------------------------------------------------------------- reconstruct

@@ -30,6 +30,28 @@ class AuditOutcome:
     written: dict[str, str] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
 
+    def problems(self) -> list[tuple[str, str]]:
+        """(update, message) for each update that could not be audited (unreadable, lost
+        with its worker) and each attack that ended in an internal error: what a run must
+        not pass over in silence. An attack that refused an update or could not solve it is
+        a finding of the report, not a problem."""
+        found = []
+        for record in self.records:
+            if record.get("status") != "ok":
+                found.append((record["update"], f"{record['status']}: {record.get('error')}"))
+            found.extend((record["update"], f"{entry['step']} {entry['method']}: {entry['reason']}")
+                         for entry in record.get("attacks", []) if entry["status"] == "error")
+        return found
+
+    def raise_problems(self) -> None:
+        from gitool.errors import GitoolError
+
+        problems = self.problems()
+        if problems:
+            where, what = problems[0]
+            raise GitoolError(f"{len(problems)} update(s) or attack(s) of {self.total} updates could not be audited "
+                              f"(first: {where}: {what}); the report covers everything else")
+
 
 def prepare(inputs: Iterable[str | Path], out_dir: str | Path, methods: str = "auto",
             options: dict[str, Any] | None = None, *, lpips_weights: str | Path | None = None,
@@ -61,17 +83,33 @@ def prepare(inputs: Iterable[str | Path], out_dir: str | Path, methods: str = "a
     return items, settings
 
 
+# Options every method may be given whether it declares them or not.
+SHARED_OPTIONS = frozenset({"seed", "device"})
+
+
 def check_options(selection: Selection, options: dict[str, Any]) -> None:
-    """Impossible option values fail before any file is read, for every method that may run."""
+    """Impossible option values fail before any file is read, for every method that may
+    run; an option none of them takes (``--time-budget`` without optimize) is refused."""
+    from dataclasses import fields
+
     from gitool.labels import LABEL_METHODS
     from gitool.reconstruct import RECON_METHODS
 
+    entries = []
     for name in selection.labels:
         for entry in (LABEL_METHODS.values() if name == "auto" else [LABEL_METHODS[name]]):
             entry.parse_options(options, require_aux=name != "auto")
+            entries.append(entry)
     for name in selection.reconstruct:
         for entry in ([RECON_METHODS["fc"], RECON_METHODS["conv"]] if name == "analytic" else [RECON_METHODS[name]]):
             entry.parse_options(options)
+            entries.append(entry)
+    taken = {f.name for entry in entries for f in fields(entry.options_class())} | SHARED_OPTIONS
+    unused = sorted(key for key in options if key not in taken)
+    if unused:
+        names = ", ".join("--" + key.replace("_", "-") for key in unused)
+        raise UsageError(f"{names}: no method of --methods {','.join(selection.methods) or '-'} takes it in this "
+                         "gitool")
 
 
 def possible_outputs(item: AuditInput, out_dir: Path, selection: Selection) -> list[str]:

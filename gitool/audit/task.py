@@ -63,8 +63,20 @@ def run_task(task: AuditTask) -> dict[str, Any]:
 
     _prepare_process(task.settings)
     started = time.perf_counter()
-    with deferred_sync(sync_at_end=False):  # the audit syncs once at its end
-        record = _audit(task.item, task.settings)
+    try:
+        with deferred_sync(sync_at_end=False):  # the audit syncs once at its end
+            record = _audit(task.item, task.settings)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # a bug outside any one attack: this update's record says so
+        from gitool.atomic import Terminated
+        from gitool.audit.layout import client_and_round
+
+        if isinstance(exc, Terminated):
+            raise
+        client, round_ = client_and_round(task.item.name, None)
+        record = {"update": str(task.item.path), "name": task.item.name, "status": "error", "client": client,
+                  "round": round_, "error": f"{type(exc).__name__}: {exc}"[:500], "attacks": []}
     record["seconds"] = time.perf_counter() - started
     return record
 
@@ -312,6 +324,9 @@ def _score(item: AuditInput, update, results: list, record: dict[str, Any], sett
     if truth.counts.sum() > 1:
         record["true_counts"] = [int(c) for c in truth.counts]
     lpips_net = _lpips(settings.lpips_weights)
+    if lpips_net is not None and min(truth.images.shape[-2:]) < LPIPS_MIN_SIZE:
+        record["truth_note"] = f"LPIPS skipped: AlexNet needs images of at least {LPIPS_MIN_SIZE} x {LPIPS_MIN_SIZE} pixels"
+        lpips_net = None
     for entry, result in results:
         if result is None:
             continue
@@ -328,6 +343,7 @@ def _score(item: AuditInput, update, results: list, record: dict[str, Any], sett
 
 
 _LPIPS: dict[str, Any] = {}
+LPIPS_MIN_SIZE = 31  # AlexNet's receptive field (gitool.lpips refuses smaller images)
 
 
 def _lpips(path: str | None):

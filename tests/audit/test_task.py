@@ -118,3 +118,43 @@ def test_outputs_never_overwrite_inputs(federated_run, tmp_path):
     (tmp_path / "a.labels.safetensors").symlink_to(tmp_path / "a.update.safetensors")
     with pytest.raises(UsageError, match="is also an input"):
         prepare([tmp_path / "a.update.safetensors"], tmp_path, "labels")
+
+
+def test_options_no_selected_method_takes_are_refused(federated_run, tmp_path):
+    from gitool.errors import UsageError
+
+    with pytest.raises(UsageError, match="--time-budget: no method of --methods auto,features,analytic takes it"):
+        prepare([federated_run], tmp_path / "out", "auto", {"time_budget": 5.0})
+    with pytest.raises(UsageError, match="--aux-per-class must be"):
+        prepare([federated_run], tmp_path / "out", "labels", {"aux_per_class": 0})
+
+
+def test_the_command_exits_1_when_an_update_cannot_be_read(run_copy, tmp_path, run_cli):
+    (run_copy / "round-1" / "junk.update.safetensors").write_bytes(b"not a safetensors file")
+    done = run_cli("audit", run_copy / "round-1", "--out-dir", tmp_path / "out", "--methods", "labels", "--json")
+    assert done.exit_code == 1
+    assert "1 update(s) or attack(s) of 3 updates could not be audited (first:" in done.stderr
+    document = done.json()
+    assert document["audited"] == 3 and document["findings"]["risk"] == "elevated"
+    assert (tmp_path / "out" / "report.html").is_file() and (tmp_path / "out" / "0001.labels.safetensors").is_file()
+
+
+def test_lpips_from_local_weights_scores_the_images(tmp_path):
+    """LPIPS with local weights (random ones here): exact reconstructions are at distance 0."""
+    from safetensors.torch import save_file
+
+    from gitool.files import LossSpec, TrainingSpec
+    from gitool.models import ModelSpec
+    from tests.test_metrics_images import random_lpips_state
+
+    from .conftest import capture_into
+
+    spec = ModelSpec(name="fcn4", num_classes=10, input_shape=(3, 32, 32), last_bias=False,
+                     options={"widths": "64,32,16", "hidden_bias": "false"})
+    capture_into(tmp_path / "runs", "c", spec=spec, seed=1, init="default", training=TrainingSpec(dtype="float64"),
+                 loss=LossSpec(family="smoothing", label_smoothing=0.2))
+    save_file(random_lpips_state(), str(tmp_path / "alex.safetensors"))
+    items, settings = prepare([tmp_path / "runs"], tmp_path / "out", "auto", lpips_weights=tmp_path /
+                              "alex.safetensors")
+    scores = attacks(run(items, settings, report=False).records[0])["reconstruct", "fc"]["scores"]
+    assert scores["psnr"] > 200 and scores["lpips"] == pytest.approx(0.0, abs=1e-6)

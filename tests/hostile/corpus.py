@@ -58,6 +58,7 @@ READERS: dict[str, list[tuple[str, ...]]] = {
         ("reconstruct", "{X}", "--labels", "{LX}", "--features", "{FX}", "--method", "fc", "-o",
          "{O}/o.reconstruction.safetensors"),
         ("export", "{X}", "-o", "{O}/o.pt"),
+        ("audit", "{X}", "--out-dir", "{O}/audit", "--methods", "labels,features,fc"),
     ],
     "labels": [
         ("inspect", "{X}"),
