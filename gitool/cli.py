@@ -535,7 +535,10 @@ def audit(
     family: Annotated[Optional[str], typer.Option("--family", help="Label family prior for single-sample labels "
                       "(default: what each update records).")] = None,
     time_budget: Annotated[Optional[float], typer.Option("--time-budget", help="Seconds per update for --methods "
-                           "optimize.")] = None,
+                           "optimize (default 60).")] = None,
+    option: Annotated[Optional[list[str]], typer.Option("--option", help="Any option of a selected method as "
+                      "KEY=VALUE, repeatable (e.g. --option optimizer=lbfgs --option iterations=50 for optimize, "
+                      "--option solver=iterative for conv); names as in `gitool labels/reconstruct --help`.")] = None,
     lpips_weights: Annotated[Optional[Path], typer.Option("--lpips-weights", help="Local AlexNet LPIPS weights for "
                              "the image scores.")] = None,
     workers: Annotated[int, typer.Option("--workers", "-j", help="Worker processes on this machine.")] = 1,

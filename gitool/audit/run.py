@@ -65,6 +65,8 @@ def prepare(inputs: Iterable[str | Path], out_dir: str | Path, methods: str = "a
     out_dir = Path(out_dir)
     selection = parse_methods(methods)
     options = {key: value for key, value in (options or {}).items() if value is not None}
+    if "optimize" in selection.reconstruct and "time_budget" not in options and _takes("optimize", "time_budget"):
+        options["time_budget"] = OPTIMIZE_BUDGET
     check_options(selection, options)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out-dir {out_dir} is a file, not a folder")
@@ -83,8 +85,79 @@ def prepare(inputs: Iterable[str | Path], out_dir: str | Path, methods: str = "a
     return items, settings
 
 
+# Seconds of gradient matching per update unless --time-budget says otherwise: an audit
+# runs it on every update, so the default is an audit's, not a single reconstruction's.
+OPTIMIZE_BUDGET = 60.0
+
+
+def _takes(method: str, option: str) -> bool:
+    from dataclasses import fields
+
+    from gitool.reconstruct import RECON_METHODS
+
+    return option in {f.name for f in fields(RECON_METHODS[method].options_class())}
+
+
 # Options every method may be given whether it declares them or not.
 SHARED_OPTIONS = frozenset({"seed", "device"})
+
+
+def method_options(pairs: Iterable[str], methods: str) -> dict[str, Any]:
+    """``--option KEY=VALUE`` pairs as typed option values: each KEY is a field of the
+    options of a method ``methods`` selects, and its VALUE is read as that field's type
+    (int, float, bool, text; ``none`` for an optional one). The values are checked later
+    by the methods' own constraints, as every other option."""
+    import typing
+    from dataclasses import fields
+
+    hints: dict[str, Any] = {}
+    for entry in _entries(parse_methods(methods)):
+        cls = entry.options_class()
+        resolved = typing.get_type_hints(cls)
+        hints.update({f.name: resolved[f.name] for f in fields(cls)})
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in hints:
+            raise UsageError(f"--option {pair!r}: give KEY=VALUE with KEY an option of the selected methods: "
+                             f"{', '.join(sorted(hints)) or 'none'}")
+        values[key] = _typed(text.strip(), hints[key], f"--option {key}")
+    return values
+
+
+def _typed(text: str, hint: Any, where: str) -> Any:
+    import typing
+
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if text.lower() in ("none", "null", ""):
+            return None
+        hint = next(a for a in args if a is not type(None))
+    try:
+        if hint is bool:
+            if text.lower() not in ("true", "false", "yes", "no", "1", "0"):
+                raise ValueError
+            return text.lower() in ("true", "yes", "1")
+        if hint in (int, float):
+            return hint(text)
+    except ValueError:
+        raise UsageError(f"{where}: expected {'true or false' if hint is bool else hint.__name__}, got {text!r}") \
+            from None
+    return text
+
+
+def _entries(selection: Selection) -> list:
+    """The registry entries a selection may run."""
+    from gitool.labels import LABEL_METHODS
+    from gitool.reconstruct import RECON_METHODS
+
+    entries = [entry for name in selection.labels
+               for entry in (LABEL_METHODS.values() if name == "auto" else [LABEL_METHODS[name]])]
+    entries += [entry for name in selection.reconstruct
+                for entry in ([RECON_METHODS["fc"], RECON_METHODS["conv"]] if name == "analytic"
+                              else [RECON_METHODS[name]])]
+    return entries
 
 
 def check_options(selection: Selection, options: dict[str, Any]) -> None:
@@ -92,18 +165,10 @@ def check_options(selection: Selection, options: dict[str, Any]) -> None:
     run; an option none of them takes (``--time-budget`` without optimize) is refused."""
     from dataclasses import fields
 
-    from gitool.labels import LABEL_METHODS
-    from gitool.reconstruct import RECON_METHODS
-
-    entries = []
-    for name in selection.labels:
-        for entry in (LABEL_METHODS.values() if name == "auto" else [LABEL_METHODS[name]]):
-            entry.parse_options(options, require_aux=name != "auto")
-            entries.append(entry)
-    for name in selection.reconstruct:
-        for entry in ([RECON_METHODS["fc"], RECON_METHODS["conv"]] if name == "analytic" else [RECON_METHODS[name]]):
-            entry.parse_options(options)
-            entries.append(entry)
+    entries = _entries(selection)
+    named = {name for name in selection.labels if name != "auto"}
+    for entry in entries:
+        entry.parse_options(options, require_aux=entry.name in named)
     taken = {f.name for entry in entries for f in fields(entry.options_class())} | SHARED_OPTIONS
     unused = sorted(key for key in options if key not in taken)
     if unused:
@@ -181,7 +246,7 @@ def audit(*, inputs: list[Path], out_dir: Path, methods: str = "auto", aux: str 
           aux_per_class: int | None = None, family: str | None = None, time_budget: float | None = None,
           lpips_weights: Path | None = None, workers: int = 1, scheduler: str | None = None, retries: int = 2,
           threads: int = 1, resume: bool = True, seed: int = 0, model: list[str] | None = None, device: str = "cpu",
-          progress=None) -> AuditOutcome:
+          option: list[str] | None = None, progress=None) -> AuditOutcome:
     """``gitool audit`` on files: check the options, find and check the inputs, run the
     tasks (reporting each finished update to ``progress``, a `gitool.steps.Progress`),
     write the report."""
@@ -195,8 +260,8 @@ def audit(*, inputs: list[Path], out_dir: Path, methods: str = "auto", aux: str 
     check_device(device)
     check_seed(seed)
     trust_models(model)
-    options = {"aux": aux, "aux_per_class": aux_per_class, "family": family, "time_budget": time_budget,
-               "seed": seed, "device": device}
+    options = {**method_options(option or [], methods), "aux": aux, "aux_per_class": aux_per_class,
+               "family": family, "time_budget": time_budget, "seed": seed, "device": device}
     items, settings = prepare(inputs, out_dir, methods, options, lpips_weights=lpips_weights, trusted=model or (),
                               resume=resume, threads=threads)
 

@@ -158,3 +158,27 @@ def test_lpips_from_local_weights_scores_the_images(tmp_path):
                               "alex.safetensors")
     scores = attacks(run(items, settings, report=False).records[0])["reconstruct", "fc"]["scores"]
     assert scores["psnr"] > 200 and scores["lpips"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_any_method_option_passes_through_and_optimize_runs(federated_run, tmp_path, run_cli):
+    from gitool.audit.run import method_options
+    from gitool.errors import UsageError
+
+    assert method_options(["optimizer=lbfgs", "iterations=3", "signed=false"], "optimize") == {
+        "optimizer": "lbfgs", "iterations": 3, "signed": False}
+    with pytest.raises(UsageError, match="--option 'itrations=3': give KEY=VALUE with KEY an option"):
+        method_options(["itrations=3"], "optimize")
+    with pytest.raises(UsageError, match="--option iterations: expected int, got 'many'"):
+        method_options(["iterations=many"], "optimize")
+    done = run_cli("audit", federated_run / "round-1" / "0000.update.safetensors", "--out-dir", tmp_path / "out",
+                   "--methods", "conv,optimize", "--option", "optimizer=lbfgs", "--option", "iterations=1", "--json")
+    assert done.exit_code == 0, done.stderr
+    optimized = tmp_path / "out" / "optimize" / "0000.reconstruction.safetensors"  # the step's second method
+    from gitool.files import load_result
+
+    result = load_result(optimized)
+    assert result.method == "optimize" and result.options["iterations"] == 1
+    assert (tmp_path / "out" / "0000.reconstruction.safetensors").is_file()  # conv's, the main one
+    again = run_cli("audit", federated_run / "round-1" / "0000.update.safetensors", "--out-dir", tmp_path / "out",
+                    "--methods", "conv,optimize", "--option", "optimizer=lbfgs", "--option", "iterations=2", "--json")
+    assert again.exit_code == 0 and load_result(optimized).options["iterations"] == 2  # other options: recomputed
