@@ -31,7 +31,7 @@ from gitool.paths import identity, refuse_overlap
 from gitool.resolve import parse_float_range, parse_int_list, parse_normalization, resolve_model, trust_models
 
 # Commands in the order of an attack chain, then the tools around it.
-CHAIN_ORDER = ("capture", "labels", "features", "reconstruct", "score", "inspect", "import", "export", "train",
+CHAIN_ORDER = ("capture", "labels", "features", "reconstruct", "score", "inspect", "import", "truth", "export", "train",
                "models", "demo")
 
 
@@ -184,6 +184,11 @@ ModelOptOpt = Annotated[Optional[list[str]], typer.Option(
     help="Model-specific KEY=VALUE, repeatable (e.g. channels=77,22,3,3 for rconv-lenet, widths=4096,1024,256 "
          "for fcn4).",
     rich_help_panel="model")]
+ModelOutputOpt = Annotated[Optional[str], typer.Option(
+    "--model-output",
+    help="For a user model whose forward returns several values: which one is the logits, an index into the "
+         "tuple (0) or a dict key (logits). Recorded in the update, so every command runs the model through it.",
+    rich_help_panel="model")]
 # Training, loss, defence and input facts: declared once, shared by capture and import
 # (capture gives them defaults, import leaves an option nobody gave unknown).
 BatchSizeOpt = Annotated[Optional[int], typer.Option(
@@ -311,6 +316,7 @@ def capture(
     bias: NoBiasOpt = None,
     init: InitOpt = None,
     model_opt: ModelOptOpt = None,
+    model_output: ModelOutputOpt = None,
     data: Annotated[str, typer.Option("--data", "-d", help="Data source: synthetic, digits, samples, folder:PATH, "
                     "cifar10:PATH, cifar100:PATH.", rich_help_panel="private data")] = "synthetic",
     normalize: NormalizeOpt = None,
@@ -377,7 +383,7 @@ def capture(
     from gitool.files import DefenceSpec, InputSpec, LossSpec, TrainingSpec, save_capture
 
     spec, init_state, checkpoint_meta, init = resolve_model(model, num_classes, image_size, activation, bias, model_opt,
-                                                      init)
+                                                      init, output=model_output)
     from gitool.models import build_model
 
     build_model(spec)  # validate the model before touching data
@@ -505,6 +511,7 @@ def train(
     bias: NoBiasOpt = None,
     init: InitOpt = "default",
     model_opt: ModelOptOpt = None,
+    model_output: ModelOutputOpt = None,
     data: Annotated[str, typer.Option("--data", "-d", help="Data source to train on.")] = "synthetic",
     normalize: Annotated[str, typer.Option("--normalize", help="Normalisation used in training.")] = "none",
     epochs: Annotated[int, typer.Option("--epochs", help="Passes over the data.")] = 10,
@@ -530,7 +537,8 @@ def train(
     check_output(output)
     refuse_overlap([("--init", Path(init) if init not in (None, "uniform", "default") else None)], [("--output", output)])
     check_settings(epochs=epochs, lr=lr, batch_size=batch_size)
-    spec, init_state, _, _ = resolve_model(model, num_classes, image_size, activation, bias, model_opt, init)
+    spec, init_state, _, _ = resolve_model(model, num_classes, image_size, activation, bias, model_opt, init,
+                                           output=model_output)
     mean, std = parse_normalization(normalize, spec.input_shape[0])
     torch.manual_seed(seed)
     net = build_model(spec)
@@ -1157,6 +1165,7 @@ def import_command(
     activation: ActivationOpt = None,
     bias: NoBiasOpt = None,
     model_opt: ModelOptOpt = None,
+    model_output: ModelOutputOpt = None,
     batch_size: BatchSizeOpt = None,
     steps: StepsOpt = None,
     lr: LrOpt = None,
@@ -1204,7 +1213,7 @@ def import_command(
     file_shape = file_facts.get("input", {}).get("shape")
     shape_text = image_size or ("x".join(map(str, file_shape)) if file_shape else None)
     spec, _, _, _ = resolve_model(model, num_classes, shape_text, activation, bias, model_opt, "default",
-                               base=base)
+                                  base=base, output=model_output)
     shape_known = shape_text is not None or (base_has_shape and model in (None, base.name))
 
     given = {}
@@ -1253,6 +1262,45 @@ def import_command(
               f"{update.training.dtype})", highlight=False)
     if unknown:
         err.print(f"unknown facts (attacks that need them will ask): {', '.join(unknown)}", highlight=False)
+
+
+@app.command("truth")
+def truth_command(
+    update_file: Annotated[Path, typer.Argument(metavar="UPDATE", help="The update the private batch belongs to.")],
+    private: Annotated[Path, typer.Option("--private", help="The client's private batch: torch.save({'images': "
+                       "images, 'labels': labels}, 'private.pt') (.pt read weights-only; or the same names in "
+                       ".safetensors or .npz). N = B x m samples in step order; images in [0, 1] or 'inputs' as "
+                       "the model saw them; labels as N class indices or N x K soft labels.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The truth file to write.")],
+    model: TrustOpt = None,
+    device: DeviceOpt = "cpu",
+    json_output: JsonOpt = False,
+) -> None:
+    """Make the truth file of an imported update from the client's own private batch, so that `gitool score` can tell what leaked.
+
+    The client's local training is replayed on the batch from the update's global weights
+    (for the last-layer features at each step); the replay must give back the update, and
+    how closely it does is printed and recorded.
+
+    Example: gitool truth client.update.safetensors --private private.pt --model mynet:make -o client.truth.safetensors
+    """
+    from gitool.files import load_update, save_truth
+    from gitool.private_batch import describe_replay, replay_tolerance, truth_from_private_batch
+
+    check_device(device)
+    trust_models(model)
+    check_output(output)
+    refuse_overlap([("the update", update_file), ("--private", private)], [("--output", output)])
+    update = load_update(update_file)
+    truth, error = truth_from_private_batch(update, private, device=device)
+    save_truth(truth, output)
+    line = describe_replay(update, error)
+    if json_output:
+        emit_json({"output": str(output), "samples": int(truth.labels.shape[0]), "replay_error": error,
+                   "replays": error <= replay_tolerance(update)})
+        return
+    out.print(f"wrote {output}: {truth.labels.shape[0]} samples of {update.model.name}", highlight=False)
+    (err if line.startswith("warning") else out).print(line, highlight=False, soft_wrap=True)
 
 
 @app.command("export")
