@@ -49,8 +49,7 @@ class PrivateBatch:
 def read_private_file(path: str | Path, budget: int) -> dict[str, torch.Tensor]:
     """The named tensors of a private-batch file (.pt/.pth weights-only, .safetensors or
     .npz without pickles), refused unread when they would take more than ``budget`` bytes."""
-    from gitool.files import existing_file, read_torch_object
-    from gitool.interop import read_npz_arrays
+    from gitool.files import existing_file, read_npz_arrays, read_torch_object
 
     path = existing_file(path, "a private-batch file")
     suffix = path.suffix.lower()
