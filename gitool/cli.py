@@ -460,6 +460,7 @@ def _stem(path: Path) -> str:
 @app.command()
 def inspect(
     file: Annotated[Path, typer.Argument(help="Any gitool file.")],
+    model: TrustOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
     """Show a file's kind, version, metadata and a table of its tensors (shape, dtype, norm, range).
@@ -472,6 +473,7 @@ def inspect(
     """
     from gitool.inspect import inspect_file
 
+    trust_models(model)
     document = inspect_file(file)
     if json_output:
         emit_json(document)
@@ -492,6 +494,8 @@ def inspect(
     if document["problem"]:
         err.print(f"[bold yellow]warning:[/] the attack commands would refuse this file: {document['problem']}",
                   highlight=False, soft_wrap=True)
+    if document["unchecked"]:
+        err.print(f"note: {document['unchecked']}", highlight=False, soft_wrap=True)
 
 
 def _fmt_stat(value: Any) -> str:

@@ -646,7 +646,11 @@ def trust_factory(name: str) -> None:
 
 
 class UntrustedFactory(UsageError):
-    """A file names a user model factory that the command line did not name."""
+    """A file names a user model factory (``factory``) that the command line did not name."""
+
+    def __init__(self, message: str, factory: str) -> None:
+        super().__init__(message)
+        self.factory = factory
 
 
 def check_trusted(spec: ModelSpec, where: str) -> None:
@@ -654,7 +658,8 @@ def check_trusted(spec: ModelSpec, where: str) -> None:
     not name: importing it would run code on the file's word."""
     if is_user_model(spec.name) and spec.name not in _TRUSTED_FACTORIES:
         raise UntrustedFactory(f"{where} names the model factory {spec.name[:80]!r}, and gitool never imports code "
-                         f"because a file says so; if you trust that module, pass --model {spec.name[:80]}")
+                               f"because a file says so; if you trust that module, pass --model {spec.name[:80]}",
+                               spec.name[:80])
 
 
 def build_user_model(spec: ModelSpec) -> nn.Module:
