@@ -1303,7 +1303,8 @@ def truth_command(
         emit_json({"output": str(output), "samples": int(truth.labels.shape[0]), "replay_error": error,
                    "replays": error <= replay_tolerance(update)})
         return
-    out.print(f"wrote {output}: {truth.labels.shape[0]} samples of {update.model.name}", highlight=False)
+    count = truth.labels.shape[0]
+    out.print(f"wrote {output}: {count} sample{'s' if count != 1 else ''} of {update.model.name}", highlight=False)
     (err if line.startswith("warning") else out).print(line, highlight=False, soft_wrap=True)
 
 
