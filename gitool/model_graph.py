@@ -185,7 +185,8 @@ def read_chain(model: nn.Module, input_shape: tuple[int, ...], output: int | str
     device = reference.device if reference is not None else "cpu"
     probe = torch.randn(batch, *input_shape, dtype=dtype, generator=torch.Generator().manual_seed(0)).to(device)
     recorder = _Recorder(graph_module)
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the same dropout masks (if any are drawn) in both runs
         try:
             recorder.run(probe)
         except GitoolError:
@@ -193,7 +194,12 @@ def read_chain(model: nn.Module, input_shape: tuple[int, ...], output: int | str
         except Exception as exc:
             raise GraphRefusal(f"the traced forward of {type(model).__name__} fails on a probe of shape "
                                f"{tuple(probe.shape)}: {type(exc).__name__}: {str(exc)[:160]}") from None
-        expected = model(probe)
+        torch.manual_seed(0)
+        expected = model(probe)  # gitool's models give the logits (models.build_user_model); others: select
+    from gitool.models import select_output
+
+    if not isinstance(expected, torch.Tensor):
+        expected = select_output(expected, output, type(model).__name__)
     values = recorder.env
     logits_node = _output_node(graph_module.graph, output, type(model).__name__)
     logits = values[logits_node]
@@ -220,16 +226,17 @@ def _path_to_input(logits_node: fx.Node, values: dict, model: nn.Module) -> list
         if node not in needed:
             needed.add(node)
             stack.extend(_tensor_inputs(node, values))
-    path = [node for node in logits_node.graph.nodes if node in needed and node.op != "placeholder"]
+    # leaves other than the input: parameters read with get_attr, tensors made in forward
+    path = [node for node in logits_node.graph.nodes if node in needed and _tensor_inputs(node, values)]
     for node in path:
         module = model.get_submodule(node.target) if node.op == "call_module" else None
         inputs = _tensor_inputs(node, values)
         if len(inputs) > 1:
             raise _refusal(node, model, f"combines {len(inputs)} tensors (a residual add, a concatenation, a "
-                           "product or attention)")
-        if not inputs:
-            raise _refusal(node, model, "does not take its data from the input (a tensor the model holds or "
-                           "makes)")
+                           "product with a parameter, or attention)")
+        if inputs[0].op != "placeholder" and not _tensor_inputs(inputs[0], values):
+            raise _refusal(node, model, f"takes a tensor the model holds or makes (node '{inputs[0].name}', "
+                           f"{inputs[0].op} {inputs[0].target}) instead of the input's data")
         if not (isinstance(module, (nn.Linear, nn.Conv2d)) or _activation(node, module) is not None
                 or _dropout(node, module) is not None or _is_reshape(node, module)):
             raise _refusal(node, model, _why_not(node, module))

@@ -218,7 +218,8 @@ def test_capture_and_train_take_user_models_with_a_selector(run_cli, usernets):
     """A user model returning (out, x) through capture (float64, one sample) and the conv
     inversion, and through train: the checkpoint keeps the selector for a later capture."""
     model = ["--model", "usernets:rconv_lenet", "--model-output", "0", "--image-size", "16"]
-    ok(run_cli("capture", *model, "--data", "samples", "--dtype", "float64", "--seed", "2", "-o", "c.update.safetensors"))
+    ok(run_cli("capture", *model, "--data", "samples", "--dtype", "float64", "--seed", "2",
+               "-o", "c.update.safetensors"))
     trust = ["--model", "usernets:rconv_lenet"]
     ok(run_cli("labels", "c.update.safetensors", *trust, "-o", "c.labels.safetensors"))
     ok(run_cli("features", "c.update.safetensors", *trust, "--labels", "c.labels.safetensors",
