@@ -25,7 +25,7 @@ from gitool.attacks.analytic_fc import LinearLayerData, activation_inverse, clas
 from gitool.attacks.soft_label import bias_feature
 from gitool.errors import GitoolError, UsageError
 from gitool.facts import require_facts
-from gitool.model_graph import ChainLayer, read_chain
+from gitool.model_graph import ChainLayer, GraphRefusal, read_chain
 from gitool.specs import Interval, OneOf, check_fields, fact
 from gitool.reconstruct import ReconOutcome
 
@@ -63,7 +63,10 @@ def single_step_gradients(update) -> dict[str, torch.Tensor]:
 def build_stages(model: nn.Module, update, gradients: dict[str, torch.Tensor]) -> tuple[list[Stage], ChainLayer]:
     """The solvers' stages (weight layers with activation, gradient and shapes, from the
     input up) and the classifier, from the model's computation as torch.fx reads it."""
-    chain = read_chain(model, tuple(update.input.shape), update.model.output)
+    try:
+        chain = read_chain(model, tuple(update.input.shape), update.model.output)
+    except GraphRefusal as exc:
+        raise GraphRefusal(f"{exc}; --method optimize takes any model") from None
     random = [step for step in chain.dropout if step.p > 0]
     if random:
         require_facts(update, ["model_mode"], for_method="analytic reconstruction of a model with dropout")
@@ -71,7 +74,7 @@ def build_stages(model: nn.Module, update, gradients: dict[str, torch.Tensor]) -
         if active is not None:
             raise GitoolError(f"node '{active.node}' ({active.operation}, p={active.p:g}) drops values at random in "
                               "train mode (the update's model_mode): the client's masks are unknown, so the "
-                              "analytic methods cannot invert it")
+                              "analytic methods cannot invert it; --method optimize takes any model")
     return [_stage(layer, gradients) for layer in chain.hidden], chain.classifier
 
 

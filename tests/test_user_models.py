@@ -233,3 +233,25 @@ def test_capture_and_train_take_user_models_with_a_selector(run_cli, usernets):
     from gitool.files import load_update
 
     assert load_update("t.update.safetensors").model.output == 0
+
+
+def test_dropout_needs_the_model_mode_and_is_refused_in_train_mode(run_cli, usernets):
+    client_round(usernets, "dropout_mlp", (3, 8, 8), mode="train")
+    trust = ["--model", "usernets:dropout_mlp"]
+    attack = ["reconstruct", "u.update.safetensors", *trust, "--labels", "u.labels.safetensors", "--features",
+              "u.features.safetensors", "--method", "fc", "--explain", "-o", "u.rec.safetensors"]
+    args = import_args("dropout_mlp", (3, 8, 8), mode="train")
+    unknown = args[:args.index("--mode")] + args[args.index("--mode") + 2:]  # nobody said the mode
+    ok(run_cli(*unknown))
+    ok(run_cli("labels", "u.update.safetensors", *trust, "-o", "u.labels.safetensors"))
+    ok(run_cli("features", "u.update.safetensors", *trust, "--labels", "u.labels.safetensors",
+               "-o", "u.features.safetensors"))
+    refused = run_cli(*attack)
+    assert refused.exit_code == 2 and "analytic reconstruction of a model with dropout needs training facts the " \
+                                     "update u.update.safetensors does not record: model_mode (--mode)" in refused.stderr
+    ok(run_cli(*args))
+    refused = run_cli(*attack)
+    assert refused.exit_code == 1 and refused.stderr.strip() == (
+        "error: node 'drop' (call_module Dropout, p=0.5) drops values at random in train mode (the update's "
+        "model_mode): the client's masks are unknown, so the analytic methods cannot invert it; --method optimize "
+        "takes any model")
