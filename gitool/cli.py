@@ -495,7 +495,7 @@ def inspect(
         err.print(f"[bold yellow]warning:[/] the attack commands would refuse this file: {document['problem']}",
                   highlight=False, soft_wrap=True)
     if document["unchecked"]:
-        err.print(f"note: {document['unchecked']}", highlight=False, soft_wrap=True)
+        err.print(f"[bold yellow]warning:[/] {document['unchecked']}", highlight=False, soft_wrap=True)
 
 
 def _fmt_stat(value: Any) -> str:

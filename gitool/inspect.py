@@ -65,8 +65,8 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
         loaded = getattr(files, VALIDATORS[raw.kind])(path)
         _check_against_its_update(files, raw.kind, loaded)
     except UntrustedFactory as exc:  # the file may be fine: checking it needs the user's model code
-        unchecked = (f"the tensors were not checked against the model: {exc.factory} is a user factory, run only "
-                     f"when named (--model {exc.factory})")
+        unchecked = (f"not checked against its model: {exc.factory} is a user factory, which gitool runs only "
+                     f"when the command line names it (--model {exc.factory}); the attack commands need that too")
     except GitoolError as exc:
         problem = str(exc)
     meta = raw.meta

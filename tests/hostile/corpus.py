@@ -1087,8 +1087,8 @@ file_case("priv-npz-strings", "private", DTYPE, "labels as strings in .npz",
 file_case("priv-st-extra", "private", PRIVATE, "a safetensors batch with an extra tensor",
           lambda p, b: p.write_bytes(save_tensors({**__import__("torch").load(b["PPT"], weights_only=True),
                                                    "secret": __import__("torch").zeros(3)}, {})), ".safetensors")
-file_case("priv-unknown-suffix", "private", PRIVATE, "a batch named .txt",
-          lambda p, b: p.write_bytes(b["PPT"].read_bytes()), ".txt")
+file_case("priv-unknown-suffix", "private", PRIVATE, "a batch named .txt (its bytes cut short too)",
+          lambda p, b: p.write_bytes(b["PPT"].read_bytes()[:-1]), ".txt")
 
 
 # --------------------------------------------------------------------------- facts files
