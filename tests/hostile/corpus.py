@@ -933,11 +933,13 @@ file_case("npz-unknown-names", "weights", WEIGHTS, "named arrays the model lacks
           lambda p, b: _write_npz(p, {f"evil{i}": x for i, x in enumerate(_npz_arrays(b))}, named=True), ".npz")
 
 
-def _pt(edit: Callable[[dict], Any]):
+def _pt(edit: Callable[[dict], Any], key: str = "GPT"):
+    """The base torch file ``key`` (the gradient state dict), edited."""
+
     def make(path: Path, base: dict[str, Path]) -> None:
         import torch
 
-        state = torch.load(base["GPT"], weights_only=True)
+        state = torch.load(base[key], weights_only=True)
         result = edit(state)
         torch.save(state if result is None else result, path)
 
@@ -988,15 +990,7 @@ PRIVATE = "truth: private-batch files"
 
 def _private(edit: Callable[[dict], Any]):
     """The base private batch ({"images", "labels"} of the capture), edited."""
-
-    def make(path: Path, base: dict[str, Path]) -> None:
-        import torch
-
-        batch = torch.load(base["PPT"], weights_only=True)
-        result = edit(batch)
-        torch.save(batch if result is None else result, path)
-
-    return make
+    return _pt(edit, "PPT")
 
 
 def _private_payload(path: Path, base: dict[str, Path]) -> None:
