@@ -1002,7 +1002,10 @@ def print_label_rows(rows: list[dict[str, Any]]) -> None:
             extra = f"{d['label_smoothing']:.4f}"
         else:
             extra = "-"
-        ok = "yes" if d.get("converged") and not d.get("ambiguous") else ("ambiguous" if d.get("ambiguous") else "no")
+        if d.get("ambiguous"):
+            ok = "ambiguous"
+        else:  # count methods report no convergence: nothing to say, rather than a false "no"
+            ok = "-" if "converged" not in d else "yes" if d["converged"] else "no"
         table.add_row(Path(row["update"]).name, row["method"], str(d.get("family", "-")), top or "-", extra,
                       _fmt(d.get("loss")), _fmt(d.get("residual")), ok, f"{1e3 * row['seconds']:.1f}")
     out.print(table)
