@@ -269,12 +269,24 @@ def read_weights(path: str | Path, part: str, layout: ModelLayout) -> dict[str, 
             obj = obj[part]
         elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             obj = obj["state_dict"]
+        if part == "gradient" and isinstance(obj, dict):
+            obj = _unused_as_zero(obj, layout)
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise GitoolError(f"{path}: expected a dictionary of tensors (a state_dict)")
         return {str(k): v for k, v in obj.items()}
     if suffix == ".safetensors":
         return dict(load_checkpoint(path, budget=layout.budget).state)
     raise UsageError(f"{path}: unknown weights format; expected .safetensors, .pt, .pth, .bin or .npz")
+
+
+def _unused_as_zero(gradients: dict, layout: ModelLayout) -> dict:
+    """``{n: p.grad for n, p in net.named_parameters()}`` holds None for a parameter the
+    loss does not reach (an unused head, a frozen layer): its gradient is zero."""
+    floats = [v.dtype for v in gradients.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if not floats or not any(v is None for v in gradients.values()):
+        return gradients
+    return {name: (torch.zeros(layout.state[name].shape, dtype=floats[0])
+                   if value is None and name in layout.parameters else value) for name, value in gradients.items()}
 
 
 _LIST_KEY = re.compile(r"^arr_(\d+)$")
