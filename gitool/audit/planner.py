@@ -180,19 +180,20 @@ def _recon_attack(update, method: str, options: dict[str, Any]) -> Attack:
 
 @lru_cache(maxsize=64)
 def analytic_method(spec_json: str, input_shape: tuple[int, ...]) -> tuple[str | None, str | None]:
-    """("fc" or "conv", None) when the analytic inversion can walk the model, else
-    (None, why not). Decided once per model in a process, on the model's structure alone."""
+    """("fc" or "conv", None) when the analytic inversion can read the model as a chain of
+    layers (`gitool.model_graph`), else (None, why not). Decided once per model in a
+    process, on the model's computation alone."""
     import torch
     from torch import nn
 
+    from gitool.model_graph import read_chain
     from gitool.models import ModelSpec, cached_model
-    from gitool.reconstruct_analytic import plain_stack
 
     spec = ModelSpec.from_dict(json.loads(spec_json))
     model = cached_model(spec, torch.float64, "cpu")
     try:
-        plain_stack(model, input_shape)
+        chain = read_chain(model, input_shape, spec.output)
     except GitoolError as exc:
         return None, f"analytic reconstruction does not apply: {exc}"
-    has_conv = any(isinstance(module, nn.Conv2d) for module in model.modules())
+    has_conv = any(isinstance(layer.module, nn.Conv2d) for layer in chain.hidden)
     return ("conv" if has_conv else "fc"), None
