@@ -52,7 +52,8 @@ def png_uri(data: bytes) -> str:
 
 
 def img(data: bytes, alt: str, cls: str = "") -> str:
-    return f'<img src="{png_uri(data)}" alt="{esc(alt)}"{f" class={chr(34)}{cls}{chr(34)}" if cls else ""}>'
+    css_class = f' class="{cls}"' if cls else ""
+    return f'<img src="{png_uri(data)}" alt="{esc(alt)}"{css_class}>'
 
 
 Column = tuple[str, str, Callable[[Any], str]]  # key, title, formatter
