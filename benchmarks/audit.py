@@ -12,8 +12,9 @@ Then ``gitool audit`` runs in a fresh process on the first N single updates (sof
 and features: ``--methods labels,features``) for each N of ``--sizes``, and on the FedAvg
 updates (label counts by RLU with auxiliary data: ``--methods labels --aux synthetic``).
 Each row gives the whole process's wall time (start-up, finding and checking the inputs,
-the tasks, the report), the tasks' time alone and the report's (from ``--json``), and the
-load average around the run: on a shared
+the tasks, the report), the tasks' time alone and the report's (from ``--json``), the CPU
+time of the audit and its workers (user + system: what the work costs whatever else runs),
+and the load average around the run: on a shared
 machine the figures are inflated by the other work, so re-measure quietly with
 
     OMP_NUM_THREADS=1 python benchmarks/audit.py                       # everything (~15 min quiet)
@@ -81,18 +82,29 @@ def load() -> float:
     return os.getloadavg()[0]
 
 
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of the finished child processes and theirs (the audit
+    and its workers): what the work costs whatever else runs on the machine."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def audit(inputs: Path, out: Path, workers: int, methods: str, extra: list[str]) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     before = load()
+    cpu_before = _children_cpu()
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "gitool", "audit", str(inputs), "--out-dir", str(out), "--methods",
                            methods, "--workers", str(workers), "--json", *extra], env=env, cwd=ROOT,
                           capture_output=True, text=True)
     wall = time.perf_counter() - started
+    cpu = _children_cpu() - cpu_before
     if done.returncode != 0:
         raise SystemExit(f"gitool audit failed ({done.returncode}): {done.stderr[-2000:]}")
     document = json.loads(done.stdout)
-    return {"wall": wall, "audit": document["seconds"], "report": document["report_seconds"],
+    return {"wall": wall, "cpu": cpu, "audit": document["seconds"], "report": document["report_seconds"],
             "audited": document["audited"], "load": (before, load()), "overall": document["overall"]}
 
 
@@ -102,8 +114,8 @@ def row(name: str, count: int, workers: int, result: dict) -> str:
     leak = (f"labels right {overall['label_accuracy']:.3f}" if overall.get("label_accuracy") is not None
             else f"iAcc {overall['iAcc']:.3f}" if overall.get("iAcc") is not None else "-")
     return (f"| {name} | {count} | {workers} | {wall:.1f} | {1e3 * wall / count:.2f} | {inner:.1f} | "
-            f"{1e3 * inner / count:.2f} | {result['report']:.1f} | {result['load'][0]:.1f} / {result['load'][1]:.1f} "
-            f"| {leak} |")
+            f"{1e3 * inner / count:.2f} | {result['report']:.1f} | {result['cpu']:.1f} | "
+            f"{1e3 * result['cpu'] / count:.2f} | {result['load'][0]:.1f} / {result['load'][1]:.1f} | {leak} |")
 
 
 def main() -> None:
@@ -122,8 +134,9 @@ def main() -> None:
         make_run(args.cache / "fedavg", args.fedavg, 8, 5, 0.5)
     print(f"gitool audit, whole process; {os.cpu_count()} cores; load average (1 min) before / after each run")
     print()
-    print("| run | updates | workers | wall s | ms/update | tasks s | ms/update (tasks) | report s | load | leakage |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| run | updates | workers | wall s | ms/update | tasks s | ms/update (tasks) | report s | CPU s | "
+          "CPU ms/update | load | leakage |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for count in sizes:
