@@ -92,6 +92,14 @@ def _mean(values: Iterable[Any]) -> float | None:
     return sum(numbers) / len(numbers) if numbers else None
 
 
+def _median(values: Iterable[Any]) -> float | None:
+    numbers = sorted(float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(float(v)))
+    if not numbers:
+        return None
+    middle = len(numbers) // 2
+    return numbers[middle] if len(numbers) % 2 else (numbers[middle - 1] + numbers[middle]) / 2
+
+
 def _share(values: Iterable[Any]) -> float | None:
     flags = [bool(v) for v in values if v is not None]
     return sum(flags) / len(flags) if flags else None
@@ -114,6 +122,7 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
         "feature_cosine": _mean(r["feature_cosine"] for r in rows),
         "images_scored": sum(1 for r in rows if r["recognisable"] is not None),
         "psnr": _mean(r["psnr"] for r in rows),
+        "psnr_median": _median(r["psnr"] for r in rows),
         "ssim": _mean(r["ssim"] for r in rows),
         "lpips": _mean(r["lpips"] for r in rows),
         "images_recognisable": _share(r["recognisable"] for r in rows),
@@ -231,8 +240,7 @@ def findings(records: list[dict[str, Any]], total: int, interrupted: bool) -> di
         sentences.append(f"Private images: the server tried to rebuild the training images of "
                          f"{overall['images_scored']} update(s) with a truth file; {recognisable} came out recognisable "
                          f"(PSNR >= {IMAGE_RECOGNISABLE:g} dB) and {exact} practically identical to the originals "
-                         f"(PSNR >= {IMAGE_EXACT:g} dB); mean PSNR {fmt_number(overall['psnr'], 1)} dB, SSIM "
-                         f"{fmt_number(overall['ssim'], 3)}.")
+                         f"(PSNR >= {IMAGE_EXACT:g} dB); median PSNR {fmt_number(overall['psnr_median'], 1)} dB.")
         leaks_images = recognisable > 0
     unscored = [r for r in ok if not r.get("truth")]
     if unscored:

@@ -208,7 +208,7 @@ def _scope(summary: dict[str, Any], records: list[dict[str, Any]]) -> str:
 
 def _labels(summary: dict[str, Any], records: list[dict[str, Any]]) -> str:
     parts = ["<h2 id=\"labels\">Label leakage</h2>"]
-    rows = [m for m in summary["methods"] if m["step"] == "labels"]
+    rows = [m for m in summary["methods"] if m["step"] == "labels" and _ran(m)]
     if rows:
         flat = [{"method": m["method"], "scored": m["scored"], **{k: m["means"].get(k) for k in
                                                                   ("target_accuracy", "max_abs_error", "cAcc", "iAcc",
@@ -241,6 +241,11 @@ def _labels(summary: dict[str, Any], records: list[dict[str, Any]]) -> str:
     return "".join(parts)
 
 
+def _ran(method: dict[str, Any]) -> bool:
+    """A method that attacked at least one update (the others are in "What was audited")."""
+    return any(method["status"].get(status) for status in ("done", "reused", "failed", "error"))
+
+
 def _recovered_counts(record: dict[str, Any]) -> list[int] | None:
     entry = main_attack(record, "labels")
     return ((entry or {}).get("evidence") or {}).get("counts")
@@ -252,7 +257,7 @@ def _iacc(record: dict[str, Any]) -> float:
 
 
 def _images(summary: dict[str, Any], records: list[dict[str, Any]]) -> str:
-    rows = [m for m in summary["methods"] if m["step"] == "reconstruct"]
+    rows = [m for m in summary["methods"] if m["step"] == "reconstruct" and _ran(m)]
     if not rows:
         return ""
     flat = [{"method": m["method"], "scored": m["scored"], **{k: m["means"].get(k) for k in ("psnr", "ssim", "lpips")},
