@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 
-def capture_into(folder: Path, name: str, spec=None, seed: int = 0, **config) -> Path:
+def capture_into(folder: Path, name: str, spec=None, seed: int = 0, provenance: dict | None = None, **config) -> Path:
     """Capture one client round in-process; returns the update's path (truth beside it)."""
     from gitool.capture import CaptureConfig, capture
     from gitool.data import open_source
@@ -20,7 +20,7 @@ def capture_into(folder: Path, name: str, spec=None, seed: int = 0, **config) ->
     spec = spec or ModelSpec(name="lenet", num_classes=10, input_shape=(3, 16, 16))
     config = CaptureConfig(input=InputSpec(shape=spec.input_shape), seed=seed, **config)
     update, truth = capture(open_source("synthetic", spec.input_shape, num_classes=spec.num_classes), spec, config,
-                            provenance={"data": "synthetic"})
+                            provenance={"data": "synthetic", **(provenance or {})})
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.update.safetensors"
     save_capture(update, truth, path, folder / f"{name}.truth.safetensors")

@@ -182,3 +182,24 @@ def test_any_method_option_passes_through_and_optimize_runs(federated_run, tmp_p
     again = run_cli("audit", federated_run / "round-1" / "0000.update.safetensors", "--out-dir", tmp_path / "out",
                     "--methods", "conv,optimize", "--option", "optimizer=lbfgs", "--option", "iterations=2", "--json")
     assert again.exit_code == 0 and load_result(optimized).options["iterations"] == 2  # other options: recomputed
+
+
+def test_one_model_build_per_process_and_the_recording_names_client_and_round(tmp_path, monkeypatch):
+    """A Flower recording's provenance names the client and the round; the analytic
+    method's model is built once for all updates of one model in a worker."""
+    from gitool import models
+    from gitool.files import TrainingSpec
+
+    from .conftest import capture_into
+
+    for i in range(3):
+        capture_into(tmp_path / "rec" / "round-007", f"client-{i}", seed=i, training=TrainingSpec(dtype="float64"),
+                     provenance={"flower": {"server_round": 7, "client": f"site-{i}"}})
+    built = []
+    original = models.build_model
+    monkeypatch.setattr(models, "build_model", lambda spec: built.append(spec.name) or original(spec))
+    models._MODELS.clear()
+    records = audit(tmp_path / "rec", tmp_path / "out").records
+    assert built == ["lenet"]
+    assert [(r["client"], r["round"]) for r in records] == [("site-0", 7), ("site-1", 7), ("site-2", 7)]
+    assert all(attacks(r)["reconstruct", "conv"]["scores"]["psnr"] > 200 for r in records)
