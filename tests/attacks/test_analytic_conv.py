@@ -11,6 +11,7 @@ from gitool.attacks.analytic_conv import (
     add_forward_normal,
     cholesky_lower,
     forward_frobenius_squared,
+    gradient_gram,
     gradient_matrix,
     invert_conv_layer,
     tap_pixel_index,
@@ -54,6 +55,8 @@ def test_gradient_matrix_and_forward_normal_are_the_convolution(stride, padding)
     per_channel = images[0].reshape(3, 81).T
     expected = layer.weight_grad.permute(0, 2, 3, 1).reshape(-1, 3)
     assert torch.allclose(matrix @ per_channel, expected, atol=1e-13)
+    gram = gradient_gram(matrix, (5, 5), (stride, stride), (padding, padding), 9, 9)
+    assert (gram - matrix.T @ matrix).abs().max() < 1e-14 * float(gram.abs().max())
     forward = forward_operator(layer.weight, (3, 9, 9), stride, padding)
     assert forward_frobenius_squared(layer.weight, index) == pytest.approx(float((forward ** 2).sum()), rel=1e-13)
     generator = torch.Generator().manual_seed(1)
