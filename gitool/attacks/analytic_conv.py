@@ -207,9 +207,12 @@ def forward_band(weight: torch.Tensor, stride: tuple[int, int], padding: tuple[i
 
 
 def add_forward_normal(normal: torch.Tensor, weight: torch.Tensor, row_weights: torch.Tensor,
-                       stride: tuple[int, int], padding: tuple[int, int], input_shape: tuple[int, int, int]) -> None:
+                       stride: tuple[int, int], padding: tuple[int, int], input_shape: tuple[int, int, int],
+                       lower: bool = False) -> None:
     """Add M^T diag(r^2) M to ``normal`` ((C H W) x (C H W), one sample), M the forward rows
     (M vec(X) = vec(conv(X, K))) and r (F x H_out x W_out) each row's weight (0: no row).
+    With ``lower`` only the channel blocks on and below the diagonal (c' <= c) are added, all
+    that a factorisation reading the lower triangle needs.
 
     Output row i contributes B^T diag(r_i^2) B (B: :func:`forward_band`) on the window of input
     rows it reads, so the sum is H_out small products instead of a sparse (F L) x (C H W) product;
@@ -230,7 +233,12 @@ def add_forward_normal(normal: torch.Tensor, weight: torch.Tensor, row_weights: 
             continue
         product = shared if uniform else (band.T * squares[row]) @ band
         window = product.view(channels, kh, width, channels, kh, width)[:, low:high, :, :, low:high, :]
-        blocks[:, first + low:first + high, :, :, first + low:first + high, :] += window
+        span = slice(first + low, first + high)
+        if not lower:
+            blocks[:, span, :, :, span, :] += window
+            continue
+        for channel in range(channels):
+            blocks[channel, span, :, :channel + 1, span, :] += window[channel, :, :, :channel + 1]
 
 
 def forward_frobenius_squared(weight: torch.Tensor, index: torch.Tensor) -> float:
@@ -275,6 +283,29 @@ def cholesky_lower(matrix: torch.Tensor, block: int = CHOLESKY_BLOCK) -> tuple[t
             matrix[end:, start:end] = torch.linalg.solve_triangular(diagonal, matrix[end:, start:end].mT,
                                                                     upper=False).mT
     return matrix, 0
+
+
+def lower_block_matrix(size: int, dtype: torch.dtype, device, block: int = CHOLESKY_BLOCK) -> torch.Tensor:
+    """A size x size matrix whose block lower triangle (every row up to the end of its block of
+    :func:`cholesky_lower`) is zero; the rest is left unwritten, never read by the factorisation
+    or the triangular solves, and so never paged in: half of the memory a dense matrix
+    touches, whose first touch costs as much as the rest of the assembly."""
+    matrix = torch.empty(size, size, dtype=dtype, device=device)
+    for start in range(0, size, block):
+        matrix[start:start + block, :start + block].zero_()
+    return matrix
+
+
+def add_lower_block(matrix: torch.Tensor, values: torch.Tensor, row: int, column: int,
+                    block: int = CHOLESKY_BLOCK) -> None:
+    """matrix[row:, column:] += values, restricted to the block lower triangle of
+    :func:`lower_block_matrix` (the part a lower Cholesky factorisation reads)."""
+    height, width = values.shape
+    for start in range(row - row % block, row + height, block):
+        top, bottom = max(start, row), min(start + block, row + height)
+        right = min(column + width, start + block)
+        if right > column:
+            matrix[top:bottom, column:right] += values[top - row:bottom - row, :right - column]
 
 
 def _cholesky_solve(factors: tuple[torch.Tensor, torch.Tensor], rhs: torch.Tensor) -> torch.Tensor:
@@ -467,16 +498,20 @@ def solve_conv_dense(layer: ConvLayerData, deltas: torch.Tensor, targets: torch.
         return (from_channels(matrix.T @ (rhs_grad - matrix @ to_channels(solution)))
                 + forward_adjoint(weighted_targets - forward(solution)))
 
-    def build(dtype):
-        normal = torch.zeros(size, size, dtype=dtype, device=deltas.device)
+    def build(dtype):  # N's lower (block) triangle, all that cholesky_lower and eigvalsh read
+        normal = lower_block_matrix(size, dtype, deltas.device)
         gram = gram_of(matrix.to(dtype)).view(batch, pixels, batch, pixels)
-        blocks = normal.view(batch, channels, pixels, batch, channels, pixels)
-        for channel in range(channels):
-            blocks[:, channel, :, :, channel, :] += gram
+        for first in range(batch):
+            for second in range(first + 1):
+                for channel in range(channels):
+                    add_lower_block(normal, gram[first, :, second], (first * channels + channel) * pixels,
+                                    (second * channels + channel) * pixels)
         samples = normal.view(batch, channels * pixels, batch, channels * pixels)
         for sample in range(batch):
             add_forward_normal(samples[sample, :, sample, :], layer.weight.to(dtype), rows[sample].to(dtype),
-                               layer.stride, layer.padding, layer.input_shape)
+                               layer.stride, layer.padding, layer.input_shape, lower=True)
+        if normal.device.type != "cpu":  # other libraries may read the upper triangle too
+            normal = torch.tril(normal) + torch.tril(normal, -1).mT
         return normal
 
     zero = torch.zeros(size, 1, dtype=deltas.dtype, device=deltas.device)

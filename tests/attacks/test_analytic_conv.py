@@ -9,11 +9,13 @@ from gitool.attacks.analytic_conv import (
     ConvLayerData,
     SolveOptions,
     add_forward_normal,
+    add_lower_block,
     cholesky_lower,
     forward_frobenius_squared,
     gradient_gram,
     gradient_matrix,
     invert_conv_layer,
+    lower_block_matrix,
     tap_pixel_index,
 )
 from gitool.attacks.analytic_fc import activation_derivative, activation_inverse
@@ -67,6 +69,24 @@ def test_gradient_matrix_and_forward_normal_are_the_convolution(stride, padding)
         add_forward_normal(normal, layer.weight, rows, (stride, stride), (padding, padding), (3, 9, 9))
         weighted = forward * rows.reshape(-1, 1)
         assert (normal - weighted.T @ weighted).abs().max() < 1e-13
+        lower = torch.zeros(243, 243, dtype=F64)
+        add_forward_normal(lower, layer.weight, rows, (stride, stride), (padding, padding), (3, 9, 9), lower=True)
+        assert torch.equal(lower.tril(), normal.tril())
+
+
+def test_lower_block_assembly_fills_exactly_the_lower_triangle_the_factorisation_reads():
+    generator = torch.Generator().manual_seed(2)
+    rows = torch.randn(120, 100, dtype=F64, generator=generator)
+    dense = rows.T @ rows
+    matrix = lower_block_matrix(100, F64, "cpu", block=16)
+    for start in range(0, 100, 16):  # never written and never read: make that visible
+        matrix[start:start + 16, start + 16:] = float("nan")
+    for top, left, height, width in [(0, 0, 37, 37), (37, 0, 63, 37), (37, 37, 63, 63)]:  # blocks not aligned to 16
+        add_lower_block(matrix, dense[top:top + height, left:left + width], top, left, block=16)
+    assert torch.equal(matrix.tril(), dense.tril())
+    assert int(torch.isnan(matrix).sum()) == sum(16 * max(0, 100 - start - 16) for start in range(0, 100, 16))
+    lower, info = cholesky_lower(matrix, block=16)
+    assert info == 0 and (lower.tril() - torch.linalg.cholesky(dense)).abs().max() < 1e-12
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
