@@ -176,20 +176,19 @@ def gradient_gram(matrix: torch.Tensor, kernel: tuple[int, int], stride: tuple[i
     the work)."""
     if stride == (1, 1):
         return matrix.T @ matrix
-    device = matrix.device
-    taps = ((torch.arange(kernel[0], device=device).view(-1, 1) % stride[0]) * stride[1]
-            + torch.arange(kernel[1], device=device).view(1, -1) % stride[1]).flatten()
-    pixels = (((torch.arange(height, device=device).view(-1, 1) + padding[0]) % stride[0]) * stride[1]
-              + (torch.arange(width, device=device).view(1, -1) + padding[1]) % stride[1]).flatten()
-    row_class = taps.repeat(matrix.shape[0] // taps.numel())  # rows (f, t)
-    column_class = pixels.repeat(matrix.shape[1] // pixels.numel())  # columns (n, pixel)
-    gram = matrix.new_zeros(matrix.shape[1], matrix.shape[1])
-    for kind in range(stride[0] * stride[1]):
-        rows = (row_class == kind).nonzero().flatten()
-        columns = (column_class == kind).nonzero().flatten()
-        block = matrix[rows][:, columns]
-        gram[columns.unsqueeze(1), columns] = block.T @ block
-    return gram
+    kh, kw = kernel
+    filters, batch = matrix.shape[0] // (kh * kw), matrix.shape[1] // (height * width)
+    rows = matrix.view(filters, kh, kw, batch, height, width)
+    gram = matrix.new_zeros(batch, height, width, batch, height, width)
+    for u in range(min(stride[0], kh)):
+        for v in range(min(stride[1], kw)):
+            i, j = (u - padding[0]) % stride[0], (v - padding[1]) % stride[1]  # first pixel of the class
+            block = rows[:, u::stride[0], v::stride[1], :, i::stride[0], j::stride[1]]
+            columns = block.shape[3:]
+            block = block.reshape(-1, columns[0] * columns[1] * columns[2])
+            gram[:, i::stride[0], j::stride[1], :, i::stride[0], j::stride[1]] = (block.T @ block).view(*columns,
+                                                                                                      *columns)
+    return gram.view(matrix.shape[1], matrix.shape[1])
 
 
 def forward_band(weight: torch.Tensor, stride: tuple[int, int], padding: tuple[int, int], width: int) -> torch.Tensor:
