@@ -21,8 +21,9 @@ layer l + 1); dL/dA_l is the transposed convolution of delta_{l+1} with K_{l+1} 
 delta_{l+1} W_{l+1} for a linear layer).
 
 Solvers: ``dense`` forms the normal matrix (structured: one (BHW)^2 Gram for the gradient
-rows, a sparse product for the forward rows), factorises it once with Cholesky and refines
-the answer with the true residual; ``iterative`` runs CGLS with convolution and transposed
+rows, per stride class; the forward rows' M^T M band by band), factorises its lower triangle
+once with a blocked Cholesky made of matrix products and refines the answer with the true
+residual, applied as convolutions; ``iterative`` runs CGLS with convolution and transposed
 convolution as the operator, so memory stays linear in the image size.
 """
 
