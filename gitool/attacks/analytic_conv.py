@@ -298,8 +298,8 @@ def lower_block_matrix(size: int, dtype: torch.dtype, device, block: int = CHOLE
 
 def add_lower_block(matrix: torch.Tensor, values: torch.Tensor, row: int, column: int,
                     block: int = CHOLESKY_BLOCK) -> None:
-    """matrix[row:, column:] += values, restricted to the block lower triangle of
-    :func:`lower_block_matrix` (the part a lower Cholesky factorisation reads)."""
+    """matrix[row:row + h, column:column + w] += values (h x w), restricted to the block lower
+    triangle of :func:`lower_block_matrix` (the part a lower Cholesky factorisation reads)."""
     height, width = values.shape
     for start in range(row - row % block, row + height, block):
         top, bottom = max(start, row), min(start + block, row + height)
