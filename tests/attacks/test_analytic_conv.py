@@ -132,7 +132,7 @@ def least_squares_reference(layer, deltas, output, weights):
         blocks.append(block)
         values.append(targets[sample].reshape(-1) * rows[:, 0])
     system, rhs = torch.cat(blocks), torch.cat(values)
-    return torch.linalg.lstsq(system, rhs.unsqueeze(1), driver="gelsd").solution.reshape(batch, channels, height,
+    return torch.linalg.lstsq(system, rhs.unsqueeze(1), driver="gelsy").solution.reshape(batch, channels, height,
                                                                                          width)
 
 
