@@ -184,6 +184,21 @@ def test_rank_deficient_layer_names_itself_and_the_counts():
         invert_conv_layer(layer, deltas, output, SolveOptions(), "conv 7")
 
 
+def test_a_large_system_short_of_rank_is_refused_with_its_numerical_rank():
+    # 1200 unknowns (float32 factor tried first, then float64): filters 6-11 dead in both row
+    # sets, so the counts pass but the rows are short of rank; no answer may come out.
+    layer, images, deltas, output = make_layer(channels=3, size=20, filters=12, kernel=5, stride=2, padding=2)
+    layer.weight[6:] = 0
+    deltas[:, 6:] = 0
+    layer.weight_grad = conv2d_weight(images, layer.weight.shape, deltas, 2, 2)
+    output = F.leaky_relu(F.conv2d(images, layer.weight, layer.bias, 2, 2), 0.2)
+    with pytest.raises(AttackError, match=r"conv 1: cannot recover its input \(1200 unknowns; .*numerical rank (\d+)"
+                       ) as refused:
+        invert_conv_layer(layer, deltas, output, SolveOptions(), "conv 1")
+    rank = int(refused.value.args[0].split("numerical rank ")[1].split(",")[0])
+    assert 900 <= rank <= 6 * 100 + 3 * 6 * 25  # at most the 1050 rows the six live filters leave
+
+
 def test_pixels_the_stride_never_reads_are_reported():
     # 8 pixels, kernel 5, stride 2, no padding: outputs read rows 0..6 only; row and column 7 are lost.
     layer, _, deltas, output = make_layer(size=8, filters=40, kernel=5, stride=2, padding=0)
