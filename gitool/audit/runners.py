@@ -102,14 +102,16 @@ def run_pool(tasks: Sequence[AuditTask], workers: int, on_record: OnRecord, retr
 
     if workers < 1:
         raise UsageError("--workers must be at least 1")
-    if sys.platform.startswith("linux"):
+    on_gpu = any(str(task.settings.options.get("device", "cpu")).startswith("cuda") for task in tasks[:1])
+    if sys.platform.startswith("linux") and not on_gpu:
         # Forked from this process with gitool imported: a worker starts in milliseconds and
         # shares the imported code. Safe here: no torch thread pool has started (one thread
-        # per worker, set in the task) and the progress display runs no thread.
+        # per worker, set in the task) and the progress display runs no thread. CUDA does
+        # not survive a fork, so GPU workers are spawned.
         for module in PRELOAD:
             importlib.import_module(module)
         context = multiprocessing.get_context("fork")
-    else:  # macOS, Windows: each worker imports for itself
+    else:  # GPU workers, macOS, Windows: each worker imports for itself
         context = multiprocessing.get_context("spawn")
     waiting = deque(range(len(tasks)))
     failures: dict[int, int] = {}
