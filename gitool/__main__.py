@@ -11,4 +11,5 @@ if sys.path and sys.path[0] in ("", os.getcwd()):
 
 from gitool.cli import main  # noqa: E402
 
-main()
+if __name__ == "__main__":  # not when a spawned worker process re-imports this module (gitool audit --workers)
+    main()
