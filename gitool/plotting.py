@@ -57,7 +57,7 @@ def image_grid_png(images: torch.Tensor, captions: list[str] | None = None, colu
 # --------------------------------------------------------------------------- matplotlib figures (captions)
 
 
-def pyplot():
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,10 +81,15 @@ def _save_figure(fig, path: str | Path) -> Path:
     return Path(path)
 
 
+def new_figure(width: float, height: float):
+    """A (figure, axis) pair of ``width`` x ``height`` inches, headless."""
+    return _pyplot().subplots(figsize=(width, height), dpi=100)
+
+
 def figure_png(fig, dpi: int = 100) -> bytes:
     """A matplotlib figure as PNG bytes (closed afterwards); no date in the file, so the
     same figure gives the same bytes."""
-    plt = pyplot()
+    plt = _pyplot()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
@@ -95,7 +100,7 @@ def save_comparison_grid(truth: torch.Tensor, recovered: torch.Tensor, path: str
                          captions: Sequence[str] | None = None, title: str | None = None) -> Path:
     """Truth in the top row, the matched reconstruction below it, one caption per
     column under the reconstruction (e.g. its PSNR / SSIM). Both N x C x H x W in [0, 1]."""
-    plt = pyplot()
+    plt = _pyplot()
     n = truth.shape[0]
     if recovered.shape[0] != n:
         raise ValueError("truth and reconstruction need the same number of images (match them first)")
@@ -130,7 +135,7 @@ def plot_curve(curve: dict[str, Any], path: str | Path) -> Path:
 
     ``curve`` keys: x, y (arrays), chosen_x (and optional chosen_y), xlabel, ylabel, title,
     logx (a symmetric log axis when x has both signs), logy. Written atomically."""
-    plt = pyplot()
+    plt = _pyplot()
     x = np.asarray(curve["x"], dtype=float)
     y = np.asarray(curve["y"], dtype=float)
     logy = bool(curve.get("logy"))

@@ -106,10 +106,9 @@ LEAKAGE_COLUMNS: list[Column] = [
 
 
 def _figure(width: float = 6.4, height: float = 2.9):
-    from gitool.plotting import pyplot
+    from gitool.plotting import new_figure
 
-    plt = pyplot()
-    figure, axis = plt.subplots(figsize=(width, height), dpi=100)
+    figure, axis = new_figure(width, height)
     axis.grid(True, alpha=0.3)
     return figure, axis
 

@@ -91,8 +91,9 @@ def test_ctrl_c_keeps_finished_results_and_a_rerun_completes(fedavg_run, tmp_pat
     import json
 
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["audit"]["interrupted"] and 3 <= summary["audit"]["audited"] < SLOW
     finished = sorted(out.glob("*.labels.safetensors"))
+    # a result written just before Ctrl-C may belong to a task whose record never came back
+    assert summary["audit"]["interrupted"] and 1 <= summary["audit"]["audited"] <= len(finished) < SLOW
     assert all(load_result(path).kind == "labels" for path in finished)
     assert not list(out.glob(".*gitool-tmp"))
     rerun = gitool(*argv, "--json")
