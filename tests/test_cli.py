@@ -48,6 +48,8 @@ def test_repeat_writes_numbered_pairs(run_cli, tmp_path):
     ("rconv-lenet", ["--activation", "relu"]),
     ("cnn6", []),
     ("resnet18", ["--model-opt", "width=4", "--mode", "eval"]),
+    ("lenet5", []),
+    ("vgg", ["--model-opt", "width=4", "--model-opt", "hidden=16", "--mode", "eval"]),
 ])
 @pytest.mark.parametrize("data", ["synthetic", "digits", "samples", "photos"])
 def test_every_model_and_source_captures(run_cli, tmp_path, model, extra, data):
