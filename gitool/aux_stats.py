@@ -77,10 +77,10 @@ def choose_aux_items(labels: np.ndarray, num_classes: int, per_class: int, seed:
 
 
 def model_outputs(model, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(softmax, last-layer features) of ``inputs``, without gradients."""
-    from gitool.models import forward_with_features
+    """(softmax, last-layer features) of ``inputs``, without gradients and without dropout."""
+    from gitool.models import dropout_off, forward_with_features
 
-    with torch.no_grad():
+    with torch.no_grad(), dropout_off(model):
         logits, features = forward_with_features(model, inputs)
     return torch.softmax(logits, dim=1), features
 

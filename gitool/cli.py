@@ -911,6 +911,9 @@ def labels(
                    "need one (a --data spec).", rich_help_panel="batch methods")] = None,
     aux_per_class: Annotated[Optional[int], typer.Option("--aux-per-class", help="Auxiliary samples per class "
                              "(default 10).", rich_help_panel="batch methods")] = None,
+    drift: Annotated[Optional[str], typer.Option("--drift", help="rlu, m > 1: how the statistics drift over the "
+                     "local steps: simulate (the m steps on the auxiliary set, default) | midpoint (one model "
+                     "between the global and the received one; cheaper).", rich_help_panel="batch methods")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for randomised searches (pso) and methods.")] = 0,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="PNG of the search loss over lambda, the chosen "
                     "minimum marked (one update).")] = None,
@@ -938,7 +941,7 @@ def labels(
     check_seed(seed)
     trust_models(model)
     options = {"family": family, "search": search, "seed": seed, "device": device, "aux": aux,
-               "aux_per_class": aux_per_class}
+               "aux_per_class": aux_per_class, "drift": drift}
     for entry in ([LABEL_METHODS[method]] if method != "auto" else LABEL_METHODS.values()):
         # impossible values fail before any file is read, whichever method auto will pick
         entry.parse_options(options, require_aux=method != "auto")
