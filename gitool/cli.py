@@ -134,9 +134,9 @@ def _root(
 
 def emit_json(document: Any) -> None:
     """The one JSON document of ``--json``, on stdout."""
-    from gitool.files import _jsonable
+    from gitool.files import jsonable
 
-    sys.stdout.write(json.dumps(_jsonable(document), indent=2, sort_keys=False) + "\n")
+    sys.stdout.write(json.dumps(jsonable(document), indent=2, sort_keys=False) + "\n")
     sys.stdout.flush()
 
 

@@ -56,7 +56,7 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
     from gitool.codec import TensorFile
 
     with TensorFile(path, "a gitool file") as handle:
-        raw = files._header(handle, None)
+        raw = files.check_header(handle, None)
         rows = [tensor_stats(handle, name) for name in sorted(handle.entries)]
     try:
         loaded = getattr(files, VALIDATORS[raw.kind])(path)

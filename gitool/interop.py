@@ -30,7 +30,7 @@ import io
 import json
 import re
 import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,20 +40,20 @@ import torch
 from gitool import __version__
 from gitool.errors import GitoolError, UsageError
 from gitool.facts import FACTS, UNKNOWN_KEY, unknown_facts
-from gitool.specs import OPTION_OF, SpecError
+from gitool.specs import OPTION_OF, SpecError, coerce_field
 from gitool.files import (
     DefenceSpec,
     InputSpec,
     LossSpec,
     TrainingSpec,
     Update,
-    _jsonable,
+    jsonable,
     atomic_write_bytes,
-    coerce_field,
     file_sha256,
     load_checkpoint,
     read_torch_object,
 )
+from gitool.files.foreign import read_npz_arrays
 
 # The parts of a client round, as named in export bundles and in messages.
 PARTS = ("before", "after", "delta", "gradient")
@@ -310,68 +310,6 @@ def _read_npz(path: Path, part: str, layout: ModelLayout) -> dict[str, torch.Ten
     return {name: torch.from_numpy(value.copy()) for name, value in zip(names, values)}  # copy: C order, 0-d kept
 
 
-def read_npz_arrays(path: Path, budget: int, most_members: int) -> dict[str, np.ndarray]:
-    """The arrays of an ``.npz`` archive, checked from the zip directory and each
-    member's ``.npy`` header before anything is decompressed: at most ``budget`` bytes
-    in all and ``most_members`` members (plus a few), each array no larger than its
-    member, no pickled objects."""
-    import zipfile
-
-    def fail(reason: str) -> GitoolError:
-        return GitoolError(f"{path}: not a readable .npz archive ({reason})")
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            members = archive.infolist()
-            if len(members) > most_members + 16:
-                raise GitoolError(f"{path}: {len(members)} arrays, far more than the model's {most_members} "
-                                  "entries; refused unread")
-            total = sum(info.file_size for info in members)
-            if total > budget:
-                raise GitoolError(f"{path}: the archive unpacks to {total} bytes, more than the model's weights "
-                                  f"could need ({budget}); refused unread")
-            names = [info.filename for info in members]
-            if len(set(names)) != len(names):
-                raise fail("duplicate member names")
-            arrays = {}
-            for info in members:
-                key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
-                with archive.open(info) as member:
-                    arrays[key] = _read_npy(member, info.file_size, f"{path}: member {info.filename[:60]}")
-            return arrays
-    except GitoolError:
-        raise
-    except Exception as exc:  # zipfile and numpy raise several types for corrupt files
-        raise fail(f"{type(exc).__name__}: {str(exc)[:120]}") from None
-
-
-def _read_npy(member, size: int, where: str) -> np.ndarray:
-    """One ``.npy`` array, its header checked against the member's size before reading."""
-    from numpy.lib import format as npy
-
-    try:
-        version = npy.read_magic(member)
-    except ValueError:
-        raise GitoolError(f"{where} is not a .npy array (is this really an np.savez archive?)") from None
-    if version == (1, 0):
-        shape, fortran, dtype = npy.read_array_header_1_0(member, max_header_size=10000)
-    elif version in ((2, 0), (3, 0)):
-        shape, fortran, dtype = npy.read_array_header_2_0(member, max_header_size=10000)
-    else:
-        raise GitoolError(f"{where}: unknown .npy version {version}")
-    if dtype.hasobject or dtype.kind not in "fiub":
-        raise GitoolError(f"refused: {where} has dtype {dtype}; expected real numbers (float, int or bool), and "
-                          "object arrays would need unpickling, which could run code")
-    count = int(np.prod(shape, dtype=object)) if shape else 1
-    if count * dtype.itemsize > size:
-        raise GitoolError(f"{where}: its header claims {count * dtype.itemsize} bytes in a member of {size}")
-    data = member.read(count * dtype.itemsize)
-    if len(data) != count * dtype.itemsize:
-        raise GitoolError(f"{where} is cut short")
-    array = np.frombuffer(data, dtype=dtype, count=count)
-    return array.reshape(shape[::-1]).T.copy() if fortran else array.reshape(shape).copy()
-
-
 def _list_names(path: Path, part: str, count: int, layout: ModelLayout) -> list[str]:
     """The names of a list of ``count`` arrays: state-dict order, or parameters only."""
     n_state, n_params = len(layout.state), len(layout.parameters)
@@ -518,7 +456,7 @@ def export_update(update: Update, output: str | Path, fmt: str | None = None, ch
     if check is not None:  # the caller refuses outputs that are inputs, before any work
         check(paths)
     contents: dict[Path, bytes] = {
-        paths["facts"]: (json.dumps(_jsonable(facts_of(update)), indent=2) + "\n").encode()}
+        paths["facts"]: (json.dumps(jsonable(facts_of(update)), indent=2) + "\n").encode()}
     if fmt == "pt":
         buffer = io.BytesIO()
         torch.save({"format": BUNDLE_FORMAT, "update_kind": update.kind,

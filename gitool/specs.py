@@ -17,8 +17,11 @@ into their own terms (the file and metadata key, or the option that set the fiel
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
+
+from gitool.errors import GitoolError
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: checking options needs none
     import torch
@@ -335,3 +338,47 @@ OPTION_OF = {
 def as_option_error(error: SpecError, error_type: type[Exception]) -> Exception:
     """``error`` in the words of the command line: "--batch-size must be ..."."""
     return error_type(f"{OPTION_OF.get(error.key, error.key)} {error.message}")
+
+
+# ----------------------------------------------------------------------- values read from files
+
+
+def coerce_field(value: Any, hint: Any, where: str, error: type[GitoolError] = GitoolError) -> Any:
+    """``value`` (read from JSON or TOML) checked against a spec field's type: int, float,
+    str, bool, tuples (from lists) and ``X | None``; ``error`` names ``where`` otherwise."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if args and type(None) in args and origin is not tuple:  # X | None
+        if value is None:
+            return None
+        return coerce_field(value, next(a for a in args if a is not type(None)), where, error)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise error(f"{where}: expected a list, got {value!r}")
+        if not (len(args) == 2 and args[1] is Ellipsis) and len(value) != len(args):
+            raise error(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(coerce_field(v, args[0], where, error) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise error(f"{where}: expected true or false, got {_short_value(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise error(f"{where}: expected an integer, got {_short_value(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise error(f"{where}: expected a number, got {_short_value(value)}")
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond any float
+            raise error(f"{where}: {str(value)[:20]}... is too large for a number") from None
+    if hint is str:
+        if not isinstance(value, str):
+            raise error(f"{where}: expected a string, got {_short_value(value)}")
+        return value
+    raise TypeError(f"no coercion for {hint!r}")  # a spec field type this function does not know
+
+
+def _short_value(value: Any) -> str:
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else f"{str(value)[:20]}..."
+    return text if len(text) <= 80 else text[:77] + "..."

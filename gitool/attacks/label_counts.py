@@ -19,7 +19,6 @@ turn an update into these tensors.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 # --------------------------------------------------------------------------- rounding
