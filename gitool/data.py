@@ -299,11 +299,7 @@ def _tent_weights(size: int, knots: int) -> np.ndarray:
 
 def _open_synthetic(argument: str | None, image_shape, num_classes: int | None, seed: int, spec: str) -> DataSource:
     """synthetic[:PER_CLASS]: generated colour images with class structure (64 per class; K from the model)."""
-    per_class = DEFAULT_SYNTHETIC_PER_CLASS
-    if argument is not None:
-        if not argument.strip().isdigit() or int(argument) < 1:
-            raise UsageError(f"synthetic:PER_CLASS needs a positive integer, got {argument!r}")
-        per_class = int(argument)
+    per_class = _per_class("synthetic", argument, DEFAULT_SYNTHETIC_PER_CLASS)
     classes = 10 if num_classes is None else num_classes
     if classes < 2:
         raise UsageError(f"synthetic data needs at least 2 classes, got {classes}")
@@ -422,12 +418,16 @@ def jitter_colour(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor
 
 def _open_photos(argument: str | None, image_shape, num_classes: int | None, seed: int, spec: str) -> DataSource:
     """photos[:PER_CLASS]: random jittered crops of 10 photographs scikit-image ships (100 per class; needs scikit-image)."""
-    per_class = DEFAULT_PHOTOS_PER_CLASS
-    if argument is not None:
-        if not argument.strip().isdigit() or int(argument) < 1:
-            raise UsageError(f"photos:PER_CLASS needs a positive integer, got {argument!r}")
-        per_class = int(argument)
-    return PhotoSource(tuple(image_shape), per_class, seed, spec)
+    return PhotoSource(tuple(image_shape), _per_class("photos", argument, DEFAULT_PHOTOS_PER_CLASS), seed, spec)
+
+
+def _per_class(kind: str, argument: str | None, default: int) -> int:
+    """The PER_CLASS of a generated source's ``KIND[:PER_CLASS]`` spec."""
+    if argument is None:
+        return default
+    if not argument.strip().isdigit() or int(argument) < 1:
+        raise UsageError(f"{kind}:PER_CLASS needs a positive integer, got {argument!r}")
+    return int(argument)
 
 
 # --------------------------------------------------------------------------------------
