@@ -85,7 +85,7 @@ def model_outputs(model, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return torch.softmax(logits, dim=1), features
 
 
-def aux_statistics(update, spec: str, per_class: int = 10, seed: int = 0, device: str = "cpu",
+def aux_statistics(update, spec: str, per_class: int, seed: int = 0, device: str = "cpu",
                    model=None) -> AuxStats:
     """The auxiliary statistics of ``update``'s global model (memoised)."""
     if per_class < 1:

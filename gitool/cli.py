@@ -910,7 +910,7 @@ def labels(
     aux: Annotated[Optional[str], typer.Option("--aux", help="Auxiliary data source for the batch methods that "
                    "need one (a --data spec).", rich_help_panel="batch methods")] = None,
     aux_per_class: Annotated[Optional[int], typer.Option("--aux-per-class", help="Auxiliary samples per class "
-                             "(default 10).", rich_help_panel="batch methods")] = None,
+                             "(default 100; fewer cost RLU points on trained models).", rich_help_panel="batch methods")] = None,
     drift: Annotated[Optional[str], typer.Option("--drift", help="rlu, m > 1: how the statistics drift over the "
                      "local steps: simulate (the m steps on the auxiliary set, default) | midpoint (one model "
                      "between the global and the received one; cheaper).", rich_help_panel="batch methods")] = None,
