@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from gitool import __version__
-from gitool.attacks.losses import soft_cross_entropy  # noqa: F401  (re-exported: the client's loss)
+from gitool.attacks.losses import smooth_labels, soft_cross_entropy  # noqa: F401  (soft_cross_entropy: re-exported, the client's loss)
 from gitool.errors import GitoolError, UsageError
 from gitool.files import DefenceSpec, InputSpec, LossSpec, TrainingSpec, Truth, Update
 
@@ -178,7 +178,7 @@ def apply_label_family(source, indices: np.ndarray, loss: LossSpec, num_classes:
     if loss.family == "smoothing":
         lo, hi = loss.label_smoothing_range or (loss.label_smoothing, loss.label_smoothing)
         eps = torch.as_tensor(rng.uniform(lo, hi, size=n) if hi > lo else np.full(n, lo), dtype=torch.float64)
-        labels = (1 - eps)[:, None] * labels + eps[:, None] / num_classes
+        labels = smooth_labels(labels, eps)
     elif loss.family == "mixup":
         all_labels = np.asarray(source.labels)
         partners = np.empty(n, dtype=np.int64)

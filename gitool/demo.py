@@ -31,29 +31,25 @@ CLIENT = "client"  # single-image client: client.update.safetensors, client.trut
 BATCH_CLIENT = "batch"  # FedAvg client for the label-count step
 
 
-def _save_capture(folder: Path, stem: str, spec, config, data: str):
+def _save_capture(folder: Path, stem: str, spec, config, data: str) -> None:
     from gitool.capture import capture
     from gitool.data import open_source
     from gitool.files import save_capture
 
     source = open_source(data, spec.input_shape, num_classes=spec.num_classes)
     update, truth = capture(source, spec, config, provenance={"data": data})
-    save_capture(update, truth, folder / f"{stem}.update.safetensors", folder / f"{stem}.truth.safetensors")
-    return update
+    save_capture(update, truth, _path(folder, stem, "update"), _path(folder, stem, "truth"))
+
+
+def _path(folder: Path, stem: str, kind: str) -> Path:
+    return folder / f"{stem}.{kind}.safetensors"
 
 
 def _score(state: dict, result_path: Path, stem: str, png: Path | None = None) -> dict:
-    """Score a result file against its truth (the demo plays `gitool score` here)."""
-    from gitool import metrics
-    from gitool.files import load_result, load_truth
-    from gitool.plotting import save_score_grid
+    """Score a result file against its truth, as `gitool score` does."""
+    from gitool.steps import score_result
 
-    folder = result_path.parent
-    result = load_result(result_path)
-    truth = load_truth(folder / f"{stem}.truth.safetensors")
-    scores = metrics.score(result, truth)
-    if png is not None:
-        save_score_grid(result.require("images"), truth.images, scores, png, title=result_path.name)
+    scores = score_result(result_path, _path(result_path.parent, stem, "truth"), png=png)
     state["scores"][result_path.name] = scores
     return scores
 
@@ -68,55 +64,36 @@ def capture_single(folder: Path, state: dict) -> str:
     config = CaptureConfig(loss=LossSpec(family="smoothing", label_smoothing=0.2),
                            training=TrainingSpec(batch_size=1, steps=1, dtype="float64"),
                            input=InputSpec(shape=spec.input_shape), init="uniform", seed=3)
-    state["update"] = _save_capture(folder, CLIENT, spec, config, "samples")
+    _save_capture(folder, CLIENT, spec, config, "samples")
     return "fcn4 without biases, label smoothing eps = 0.2, one image of samples/, float64"
 
 
 def labels(folder: Path, state: dict) -> str:
-    from gitool.files import new_result, save_result
-    from gitool.labels import recover_labels
-    from gitool.plotting import plot_curve
+    from gitool.steps import label_update
 
-    update = state["update"]
-    started = time.perf_counter()
-    outcome = recover_labels(update, "auto", {})
-    result = new_result("labels", {"labels": outcome.labels, "counts": outcome.counts}, method=outcome.method,
-                        update=update, diagnostics=outcome.diagnostics, wall_time=time.perf_counter() - started)
-    path = save_result(result, folder / f"{CLIENT}.labels.safetensors")
-    if outcome.curve:
-        plot_curve(outcome.curve, folder / f"{CLIENT}.labels.png")
-    state["labels"] = result
-    scores = _score(state, path, CLIENT)
-    return (f"{outcome.method}: lambda = {outcome.diagnostics.get('lambda', float('nan')):.4g}, "
+    row = label_update(_path(folder, CLIENT, "update"), _path(folder, CLIENT, "labels"),
+                       plot=folder / f"{CLIENT}.labels.png")
+    scores = _score(state, Path(row["output"]), CLIENT)
+    return (f"{row['method']}: lambda = {row['diagnostics'].get('lambda', float('nan')):.4g}, "
             f"max |y_hat - y| = {scores['max_abs_error']:.1e}, eps error {scores.get('eps_error', 0):.1e}")
 
 
 def features(folder: Path, state: dict) -> str:
-    from gitool.files import new_result, save_result
-    from gitool.labels_single import recover_features
+    from gitool.steps import features_update
 
-    update = state["update"]
-    started = time.perf_counter()
-    feature, diagnostics = recover_features(update, state["labels"])
-    result = new_result("features", {"features": feature}, method=str(diagnostics.get("method", "lambda")),
-                        update=update, diagnostics=diagnostics, wall_time=time.perf_counter() - started)
-    path = save_result(result, folder / f"{CLIENT}.features.safetensors")
-    state["features"] = result
-    scores = _score(state, path, CLIENT)
+    row = features_update(_path(folder, CLIENT, "update"), _path(folder, CLIENT, "labels"),
+                          _path(folder, CLIENT, "features"))
+    scores = _score(state, Path(row["output"]), CLIENT)
     return f"last-layer input: relative error {scores['relative_error']:.1e}, cosine {scores['cosine']:.6f}"
 
 
 def _reconstruct(folder: Path, state: dict, method: str, options: dict[str, Any], name: str) -> dict:
-    from gitool.files import new_result, save_result
-    from gitool.reconstruct import reconstruct
+    from gitool.steps import reconstruct_update
 
-    update = state["update"]
-    started = time.perf_counter()
-    outcome = reconstruct(update, state["labels"], state["features"], method, options)
-    result = new_result("reconstruction", {"images": outcome.images}, method=method, update=update,
-                        options=options, diagnostics=outcome.diagnostics, wall_time=time.perf_counter() - started)
-    path = save_result(result, folder / f"{name}.reconstruction.safetensors")
-    return _score(state, path, CLIENT, png=folder / f"{name}.png")
+    target = folder / f"{name}.reconstruction.safetensors"
+    reconstruct_update(_path(folder, CLIENT, "update"), target, method, options,
+                       labels_path=_path(folder, CLIENT, "labels"), features_path=_path(folder, CLIENT, "features"))
+    return _score(state, target, CLIENT, png=folder / f"{name}.png")
 
 
 def reconstruct_fc(folder: Path, state: dict) -> str:
@@ -132,23 +109,19 @@ def reconstruct_optimize(folder: Path, state: dict) -> str:
 
 def batch_counts(folder: Path, state: dict) -> str:
     from gitool.capture import CaptureConfig, SampleChoice
-    from gitool.files import InputSpec, TrainingSpec, new_result, save_result
-    from gitool.labels import recover_labels
+    from gitool.steps import label_update
+    from gitool.files import InputSpec, TrainingSpec
     from gitool.models import ModelSpec
 
     spec = ModelSpec(name="lenet", num_classes=10, input_shape=(3, 32, 32), activation="relu")
     config = CaptureConfig(training=TrainingSpec(batch_size=8, steps=5, lr=0.01),
                            input=InputSpec(shape=spec.input_shape), init="default",
                            choice=SampleChoice(dirichlet_alpha=0.5), seed=11)
-    update = _save_capture(folder, BATCH_CLIENT, spec, config, "samples")
-    started = time.perf_counter()
-    outcome = recover_labels(update, "auto", {"aux": "synthetic", "aux_per_class": 10, "seed": 0})
-    result = new_result("labels", {"counts": outcome.counts}, method=outcome.method, update=update,
-                        options={"aux": "synthetic", "aux_per_class": 10}, diagnostics=outcome.diagnostics,
-                        wall_time=time.perf_counter() - started)
-    path = save_result(result, folder / f"{BATCH_CLIENT}.labels.safetensors")
-    scores = _score(state, path, BATCH_CLIENT)
-    return (f"FedAvg B = 8, m = 5 on lenet, {outcome.method} counts: cAcc {scores['cAcc']:.2f}, "
+    _save_capture(folder, BATCH_CLIENT, spec, config, "samples")
+    row = label_update(_path(folder, BATCH_CLIENT, "update"), _path(folder, BATCH_CLIENT, "labels"), "auto",
+                       {"aux": "synthetic", "aux_per_class": 10, "seed": 0})
+    scores = _score(state, Path(row["output"]), BATCH_CLIENT)
+    return (f"FedAvg B = 8, m = 5 on lenet, {row['method']} counts: cAcc {scores['cAcc']:.2f}, "
             f"iAcc {scores['iAcc']:.2f}")
 
 

@@ -132,9 +132,8 @@ def output_layer(update, device: str = "cpu", model=None) -> OutputLayer:
                            training.batch_size, training.batch_size, 1)
 
     def mean_gradient(delta, theta0):
-        drift = lc.drift_without_gradients(theta0, steps, training.lr, training.optimizer, training.momentum,
-                                           training.prox_mu, training.weight_decay)
-        return -(delta - drift) / (training.lr * float(coefficients.sum()))
+        return lc.mean_gradient(delta, theta0, steps, training.lr, training.optimizer, training.momentum,
+                                training.prox_mu, training.weight_decay, float(coefficients.sum()))
 
     return OutputLayer(weight, bias, mean_gradient(weight_value, weight),
                        None if bias is None else mean_gradient(bias_value, bias), weight_value, bias_value,

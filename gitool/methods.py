@@ -31,7 +31,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable
 
-from gitool.errors import UsageError
+from gitool.errors import UsageError, attack_errors
 
 ACCEPTS = ("single", "batch", "multistep")
 
@@ -135,7 +135,8 @@ class Method:
         if self.reads != "classifier" and hasattr(update, "read_all"):
             update.read_all()
         started = time.perf_counter()
-        outcome = function(update, options, **extra)
+        with attack_errors():
+            outcome = function(update, options, **extra)
         outcome.seconds = time.perf_counter() - started
         if not outcome.options:
             outcome.options = asdict(options)

@@ -9,7 +9,6 @@ is denormalised to images in [0, 1]. docs/analytic.md states when each layer is 
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -19,7 +18,9 @@ import torch
 from torch import nn
 
 from gitool.attacks.analytic_conv import ConvLayerData, SolveOptions, Stage, invert_network, structural_counts
-from gitool.attacks.analytic_fc import LinearLayerData, activation_inverse, classifier_deltas
+from gitool.attacks.analytic_fc import (LinearLayerData, activation_inverse, classifier_deltas,
+                                       pair_labels_with_features)
+from gitool.attacks.label_counts import mean_gradient
 from gitool.attacks.soft_label import bias_feature
 from gitool.errors import GitoolError, UsageError
 from gitool.facts import require_facts
@@ -28,7 +29,6 @@ from gitool.reconstruct import ReconOutcome
 
 ACTIVATION_MODULES = {nn.ReLU: "relu", nn.LeakyReLU: "leakyrelu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
 PASSTHROUGH = (nn.Flatten, nn.Identity)
-MAX_PAIRING_SEARCH = 6  # samples up to which every label-feature pairing is tried
 
 
 # ----------------------------------------------------------------------------- the update
@@ -37,8 +37,8 @@ MAX_PAIRING_SEARCH = 6  # samples up to which every label-feature pairing is tri
 def single_step_gradients(update) -> dict[str, torch.Tensor]:
     """The gradient of the one local step, in float64.
 
-    A FedAvg delta of one plain SGD step (momentum and the FedProx term vanish at the first
-    step) is theta_1 - theta_0 = -lr (g + weight_decay theta_0), so g is recovered exactly.
+    A FedAvg delta of one step (momentum and the FedProx term vanish at the first step) is
+    theta_1 - theta_0 = -lr (g + weight_decay theta_0), so g is recovered exactly.
     """
     require_facts(update, ["batch_size", "defence"] + (["steps", "lr", "optimizer", "weight_decay"]
                                                        if update.kind == "delta" else []),
@@ -52,11 +52,9 @@ def single_step_gradients(update) -> dict[str, torch.Tensor]:
     if training.steps != 1:
         raise GitoolError(f"analytic reconstruction needs one local step; this update has {training.steps} "
                           "(use --method optimize for multi-step updates)")
-    gradients = {}
-    for name, delta in values.items():
-        theta = update.global_state[name].to(torch.float64)
-        gradients[name] = -delta / training.lr - training.weight_decay * theta
-    return gradients
+    return {name: mean_gradient(delta, update.global_state[name].to(torch.float64), 1, training.lr,
+                                training.optimizer, training.momentum, training.prox_mu, training.weight_decay)
+            for name, delta in values.items()}
 
 
 def plain_stack(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[list[tuple[str, nn.Module]], dict]:
@@ -164,23 +162,6 @@ def recovered_inputs(update, labels, features, classifier: nn.Linear, gradients)
     label_rows, pairing_residual = pair_labels_with_features(weight, bias, weight_grad, feature_rows, label_rows)
     info["classifier_residual"] = pairing_residual
     return label_rows, feature_rows, info
-
-
-def pair_labels_with_features(weight, bias, weight_grad, features, labels) -> tuple[torch.Tensor, float]:
-    """Order the label rows so that sum_n delta_n x_n^T best matches the classifier gradient.
-
-    Labels and features are recovered separately, so their row orders need not agree; the
-    update itself decides (no truth involved). Small batches try every order.
-    """
-    batch = labels.shape[0]
-
-    def residual(order):
-        deltas = classifier_deltas(weight, bias, features, labels[list(order)])
-        return float((deltas.T @ features - weight_grad).norm() / max(float(weight_grad.norm()), 1e-300))
-
-    orders = itertools.permutations(range(batch)) if batch <= MAX_PAIRING_SEARCH else [tuple(range(batch))]
-    best = min(orders, key=residual)
-    return labels[list(best)], residual(best)
 
 
 def _param_name(module: nn.Module, kind: str) -> str:

@@ -16,6 +16,7 @@ into their own terms (the file and metadata key, or the option that set the fiel
 
 from __future__ import annotations
 
+import contextlib
 import math
 import typing
 from dataclasses import dataclass, field, fields
@@ -338,6 +339,17 @@ OPTION_OF = {
 def as_option_error(error: SpecError, error_type: type[Exception]) -> Exception:
     """``error`` in the words of the command line: "--batch-size must be ..."."""
     return error_type(f"{OPTION_OF.get(error.key, error.key)} {error.message}")
+
+
+@contextlib.contextmanager
+def option_errors():
+    """Turn a spec's refusal into a usage error naming the option that set the field."""
+    from gitool.errors import UsageError
+
+    try:
+        yield
+    except SpecError as exc:
+        raise as_option_error(exc, UsageError) from None
 
 
 # ----------------------------------------------------------------------- values read from files

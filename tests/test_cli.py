@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,3 +222,31 @@ def test_out_of_memory_is_a_one_line_error_not_an_internal_one(run_cli, tmp_path
     assert result.stderr.strip().splitlines() == [
         "error: out of memory (1.0 GiB in one piece): ask for a smaller model, batch, image size or number of classes"]
     assert not list(tmp_path.iterdir())
+
+
+def test_features_and_reconstruct_over_a_folder_keep_going_past_a_failure(run_cli, tmp_path):
+    """Folders work for features and reconstruct as for labels: each update finds its
+    labels and features by stem, outputs keep the stem, one broken update is reported
+    (exit 1, "1 of 3") while the others are written; progress goes to the log as lines."""
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    r = run_cli("capture", "--model", "fcn4", "--image-size", "8", "--no-bias", "--model-opt", "widths=64,32,16",
+                "--data", "samples", "--label-smoothing", "0.1", "--dtype", "float64", "--repeat", "3",
+                "--out-dir", runs)
+    assert r.exit_code == 0, r.stderr
+    assert run_cli("labels", runs, "--out-dir", out).exit_code == 0
+    (out / "0001.labels.safetensors").unlink()  # the second update has no labels any more
+    r = run_cli("features", runs, "--labels", out, "--out-dir", out)
+    assert r.exit_code == 1 and "1 of 3 updates failed" in r.stderr and "0001" in r.stderr
+    assert "recovering features: 3/3" in r.stderr  # plain progress lines: stderr is not a terminal
+    assert sorted(p.name for p in out.glob("*.features.safetensors")) == ["0000.features.safetensors",
+                                                                        "0002.features.safetensors"]
+    r = run_cli("reconstruct", runs / "0000.update.safetensors", runs / "0002.update.safetensors", "--labels", out,
+                "--features", out, "--method", "fc", "--out-dir", out, "--json")
+    assert r.exit_code == 0, r.stderr
+    document = r.json()
+    assert [Path(row["output"]).name for row in document["files"]] == ["0000.reconstruction.safetensors",
+                                                                      "0002.reconstruction.safetensors"]
+    r = run_cli("score", out / "0000.reconstruction.safetensors", "--truth", runs / "0000.truth.safetensors", "--json")
+    assert r.json()["files"][0]["psnr"] > 100  # exact in float64
+    r = run_cli("reconstruct", runs, "--labels", out / "0000.labels.safetensors", "--method", "fc", "--out-dir", out)
+    assert r.exit_code == 2 and "--labels names one file; for many updates give a folder" in r.stderr

@@ -177,3 +177,34 @@ def test_last_layer_finds_the_classifier_once_and_not_after_a_replace(tmp_path):
     again = update.last_layer()
     assert torch.equal(again.weight_grad, first.weight_grad) and again.bias_name == first.bias_name
     assert dataclasses.replace(update)._classifier_names is None  # another spec may name other parameters
+
+
+def test_hash_pass_finds_a_nan_wherever_blocks_cut_the_elements(tmp_path, monkeypatch):
+    """The one pass that hashes an update also checks the tensors left unread: blocks of
+    an odd size cut elements of every dtype, and a NaN or inf anywhere is still found."""
+    import random
+
+    import gitool.codec as codec
+    from gitool.codec import TensorFile, encode
+    from gitool.files.container import file_sha256, sha256_checking_finite
+
+    monkeypatch.setattr(codec, "CHUNK_BYTES", 4096 + 3)
+    rng = random.Random(0)
+    for trial in range(60):
+        tensors = {f"t{i}": torch.randn(rng.randint(0, 700), dtype=rng.choice([torch.float32, torch.float64]))
+                   for i in range(6)}
+        tensors["i"] = torch.arange(rng.randint(1, 50))
+        bad = rng.choice([None, "t0", "t3", "t5"])
+        if bad and tensors[bad].numel():
+            tensors[bad][rng.randrange(tensors[bad].numel())] = rng.choice([float("nan"), float("inf")])
+        else:
+            bad = None
+        path = tmp_path / f"{trial}.safetensors"
+        path.write_bytes(encode(tensors, {"a": "b"}))
+        with TensorFile(path, "x") as handle:
+            entries = dict(handle.entries)
+        if bad is None:
+            assert sha256_checking_finite(path, entries, list(entries)) == file_sha256(path)
+        else:
+            with pytest.raises(GitoolError, match=f"tensor '{bad}' holds NaN"):
+                sha256_checking_finite(path, entries, list(entries))

@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from gitool.errors import GitoolError
+from gitool.attacks.errors import AttackError
 
 PIECEWISE = ("relu", "leakyrelu")
 
@@ -96,7 +96,7 @@ def repair_pattern(pattern: torch.Tensor, upstream: torch.Tensor, low: float,
     """Flip entries of ``pattern`` (values 1 or ``low``) among ``candidates`` while that
     lowers the layer's residual, until it is within ``limit``.
 
-    ``solve(pattern)`` returns (inputs, relative residual) or raises GitoolError; ``model_residual(inputs,
+    ``solve(pattern)`` returns (inputs, relative residual) or raises AttackError; ``model_residual(inputs,
     deltas)`` returns G - rows(X, delta); ``score(inputs, residual, change)`` the predicted
     drops (flip_scores). Each round tries the entries with a positive predicted drop together,
     then the ``tries`` best one at a time, and keeps the best verified answer.
@@ -124,7 +124,7 @@ def repair_pattern(pattern: torch.Tensor, upstream: torch.Tensor, low: float,
             trial = trial.view_as(pattern)
             try:
                 answer, value = solve(trial)
-            except GitoolError:  # a flip that makes the layer unsolvable is simply not kept
+            except AttackError:  # a flip that makes the layer unsolvable is simply not kept
                 continue
             if best is None or value < best[2]:
                 best = (trial, answer, value, entries.numel())

@@ -40,7 +40,7 @@ from torch.nn.grad import conv2d_input, conv2d_weight
 from gitool.attacks.activation_pattern import (NOISE_MARGIN, PIECEWISE, decide_pattern, flip_scores,
                                                repair_pattern)
 from gitool.attacks.analytic_fc import RELU_ZERO_TOL, activation_derivative, activation_inverse, invert_linear
-from gitool.errors import GitoolError
+from gitool.attacks.errors import AttackError
 
 
 @dataclass
@@ -448,14 +448,14 @@ def invert_conv_layer(layer: ConvLayerData, deltas: torch.Tensor, output: torch.
         # combined one couples channels: B C H W.
         size = batch * height * width * (channels if mode == "both" else 1)
         if options.solver == "dense" and size > DENSE_HARD_LIMIT:
-            raise GitoolError(f"{name}: a dense system of {size} unknowns needs {size * size * 8 / 2**30:.1f} GiB; "
+            raise AttackError(f"{name}: a dense system of {size} unknowns needs {size * size * 8 / 2**30:.1f} GiB; "
                               "use --solver iterative (or auto)")
         if options.solver != "auto":
             return options.solver
         return "dense" if size <= options.dense_limit else "iterative"
 
-    def refuse(detail: str) -> GitoolError:
-        return GitoolError(
+    def refuse(detail: str) -> AttackError:
+        return AttackError(
             f"{name}: cannot recover its input ({counts['unknowns']} unknowns; {counts['gradient_equations']} "
             f"gradient equations, {counts['weight_equations']} weight equations{detail}); "
             "more filters, a stride of 1 or an invertible activation would make it solvable"
@@ -613,7 +613,7 @@ def _invert_stage(stage: Stage, output: torch.Tensor, upstream: torch.Tensor, op
                     continue
                 try:
                     answer, value = trial(other)
-                except GitoolError:
+                except AttackError:
                     continue
                 if value < best[2]:
                     best = (other, answer, value, margin)

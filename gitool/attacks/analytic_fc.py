@@ -18,12 +18,13 @@ is ever needed (ReLU works). Everything here is pure tensor math in the caller's
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
 import torch
 
-from gitool.errors import GitoolError
+from gitool.attacks.errors import AttackError
 
 ACTIVATIONS = ("relu", "leakyrelu", "sigmoid", "tanh")
 
@@ -54,7 +55,7 @@ def activation_derivative(name: str | None, output: torch.Tensor, leaky_slope: f
         return output * (1 - output)
     if name == "tanh":
         return 1 - output * output
-    raise GitoolError(f"activation '{name}' is not supported by the analytic inversion")
+    raise AttackError(f"activation '{name}' is not supported by the analytic inversion")
 
 
 def activation_inverse(name: str | None, output: torch.Tensor, leaky_slope: float = 0.2
@@ -77,7 +78,7 @@ def activation_inverse(name: str | None, output: torch.Tensor, leaky_slope: floa
     if name == "tanh":
         known = output.abs() < 1
         return torch.atanh(output.clamp(-1 + 1e-16, 1 - 1e-16)), known
-    raise GitoolError(f"activation '{name}' is not supported by the analytic inversion")
+    raise AttackError(f"activation '{name}' is not supported by the analytic inversion")
 
 
 def classifier_deltas(weight: torch.Tensor, bias: torch.Tensor | None, features: torch.Tensor,
@@ -109,7 +110,7 @@ def invert_linear(weight_grad: torch.Tensor, deltas: torch.Tensor, rank_tol: flo
     """Recover the inputs X (B x d_in) of a linear layer from G = Delta^T X (G is d_out x d_in).
 
     Least squares over every row: X = (Delta Delta^T)^-1 Delta G; for one sample this is
-    x = G^T delta / ||delta||^2. Raises GitoolError when the deltas are (numerically)
+    x = G^T delta / ||delta||^2. Raises AttackError when the deltas are (numerically)
     dependent, naming the layer and the counts.
     """
     batch = deltas.shape[0]
@@ -118,7 +119,7 @@ def invert_linear(weight_grad: torch.Tensor, deltas: torch.Tensor, rank_tol: flo
     rank = int((singular > rank_tol * max(largest, 1e-300)).sum()) if largest > 0 else 0
     equations = int((deltas != 0).any(dim=0).sum())
     if rank < batch:
-        raise GitoolError(
+        raise AttackError(
             f"{what}: the {batch} sample delta(s) have rank {rank} ({equations} nonzero rows for "
             f"{batch} x {weight_grad.shape[1]} unknowns); the inputs cannot be separated"
         )
@@ -142,3 +143,24 @@ class LinearLayerData:
     weight_grad: torch.Tensor
     activation: str | None
     leaky_slope: float = 0.2
+
+
+MAX_PAIRING_SEARCH = 6  # samples up to which every label-feature pairing is tried
+
+
+def pair_labels_with_features(weight: torch.Tensor, bias: torch.Tensor | None, weight_grad: torch.Tensor,
+                              features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Order the label rows so that sum_n delta_n x_n^T best matches the classifier gradient.
+
+    Labels and features are recovered separately, so their row orders need not agree; the
+    update itself decides (no truth involved). Small batches try every order.
+    """
+    batch = labels.shape[0]
+
+    def residual(order):
+        deltas = classifier_deltas(weight, bias, features, labels[list(order)])
+        return float((deltas.T @ features - weight_grad).norm() / max(float(weight_grad.norm()), 1e-300))
+
+    orders = itertools.permutations(range(batch)) if batch <= MAX_PAIRING_SEARCH else [tuple(range(batch))]
+    best = min(orders, key=residual)
+    return labels[list(best)], residual(best)

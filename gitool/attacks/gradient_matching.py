@@ -43,8 +43,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch.func import functional_call
 
-from gitool.attacks.losses import soft_cross_entropy
-from gitool.errors import GitoolError, UsageError
+from gitool.attacks.losses import smooth_labels, soft_cross_entropy
+from gitool.attacks.errors import AttackError, InputError
 from gitool.models import last_linear
 
 DISTANCES = ("cosine", "l2")
@@ -74,24 +74,24 @@ class MatchConfig:
 
     def validate(self) -> None:
         if self.distance not in DISTANCES:
-            raise UsageError(f"unknown distance {self.distance!r}; choose cosine or l2")
+            raise InputError(f"unknown distance {self.distance!r}; choose cosine or l2")
         if self.terms not in TERMS:
-            raise UsageError(f"unknown terms {self.terms!r}; choose g, f or gf")
+            raise InputError(f"unknown terms {self.terms!r}; choose g, f or gf")
         if self.optimizer not in OPTIMIZERS:
-            raise UsageError(f"unknown optimizer {self.optimizer!r}; choose adam or lbfgs")
+            raise InputError(f"unknown optimizer {self.optimizer!r}; choose adam or lbfgs")
         if self.iterations < 1 or self.restarts < 1 or self.lbfgs_inner < 1:
-            raise UsageError(f"iterations, restarts and inner steps must be at least 1, got {self.iterations}, "
+            raise InputError(f"iterations, restarts and inner steps must be at least 1, got {self.iterations}, "
                              f"{self.restarts} and {self.lbfgs_inner}")
         if not (0 < self.lr < math.inf):
-            raise UsageError(f"the learning rate must be positive and finite, got {self.lr}")
+            raise InputError(f"the learning rate must be positive and finite, got {self.lr}")
         if not (0 <= self.tv < math.inf and 0 <= self.feature_weight < math.inf):  # NaN fails both
-            raise UsageError(f"the TV and feature weights must be finite and non-negative, got {self.tv} and "
+            raise InputError(f"the TV and feature weights must be finite and non-negative, got {self.tv} and "
                              f"{self.feature_weight}")
         if not 0 <= self.seed <= 2**63 - 1:
-            raise UsageError(f"the seed must be in [0, 2**63 - 1], got {self.seed}")
+            raise InputError(f"the seed must be in [0, 2**63 - 1], got {self.seed}")
         weights = self.layer_weights or {}
         if not all(0 <= w < math.inf for w in weights.values()):
-            raise UsageError("layer weights must be finite and non-negative")
+            raise InputError("layer weights must be finite and non-negative")
 
 
 @dataclass
@@ -169,7 +169,7 @@ class GradientMatcher:
         named = dict(model.named_parameters())
         unknown = sorted(set(target) - set(named))
         if unknown:
-            raise UsageError(f"the update holds tensors the model lacks: {', '.join(unknown[:3])}")
+            raise InputError(f"the update holds tensors the model lacks: {', '.join(unknown[:3])}")
         self.param_names = [n for n in named if n in target]
         self.params = {n: named[n].detach() for n in self.param_names}
         self.frozen = {n: p.detach() for n, p in named.items() if n not in target}
@@ -181,21 +181,21 @@ class GradientMatcher:
         self.uses_features = config.terms in ("f", "gf")
 
         if config.terms in ("f", "gf") and features is None:
-            raise UsageError(f"the terms {config.terms} need the recovered last-layer features")
+            raise InputError(f"the terms {config.terms} need the recovered last-layer features")
         if features is not None and features.shape != (self.num_samples, last.in_features):
-            raise UsageError(f"features have shape {tuple(features.shape)}; the model needs "
+            raise InputError(f"features have shape {tuple(features.shape)}; the model needs "
                              f"{self.num_samples} x {last.in_features} (one last-layer input per sample)")
         if labels is not None and labels.shape != (self.num_samples, self.num_classes):
-            raise UsageError(f"labels have shape {tuple(labels.shape)}; the update needs "
+            raise InputError(f"labels have shape {tuple(labels.shape)}; the update needs "
                              f"{self.num_samples} x {self.num_classes}")
 
         matched = [n for n in self.param_names if not (config.terms == "f" and n == self.last_weight_name)]
         if not matched:
-            raise UsageError("no gradient tensor is left to match")
+            raise InputError("no gradient tensor is left to match")
         weights = dict(config.layer_weights or {})
         bad = sorted(set(weights) - set(self.param_names))
         if bad:
-            raise UsageError(f"layer weights name unknown parameters: {', '.join(bad[:3])}")
+            raise InputError(f"layer weights name unknown parameters: {', '.join(bad[:3])}")
         self.matched = matched
         self.matched_params = [named[n] for n in matched]
         for p in self.matched_params:
@@ -206,7 +206,7 @@ class GradientMatcher:
         self.masks = [(t != 0).to(t.dtype) if pruned else None for t in self.targets]
         self.target_norm = torch.sqrt(sum(w * (t * t).sum() for w, t in zip(self.weights, self.targets)))
         if float(self.target_norm) == 0:
-            raise UsageError("the update is zero on every matched layer")
+            raise InputError("the update is zero on every matched layer")
 
     # ------------------------------------------------------------------ the client's update
 
@@ -349,7 +349,7 @@ class GradientMatcher:
                 best = (final, images.detach().clone(), final_labels.clone())
         assert best is not None
         if not math.isfinite(best[0]):
-            raise GitoolError("the optimisation diverged in every restart (non-finite objective); try a smaller learning rate")
+            raise AttackError("the optimisation diverged in every restart (non-finite objective); try a smaller learning rate")
         return MatchOutcome(images=best[1], labels=best[2], loss=best[0], restart_losses=restart_losses,
                             history=history)
 
@@ -360,8 +360,6 @@ def labels_from_counts(counts: torch.Tensor, num_samples: int, label_smoothing_e
     label-smoothing factor is applied to the one-hot rows."""
     counts = counts.round().to(torch.int64).clamp_min(0)
     if int(counts.sum()) != num_samples:
-        raise UsageError(f"the counts sum to {int(counts.sum())}, but the update used N = {num_samples} samples")
+        raise InputError(f"the counts sum to {int(counts.sum())}, but the update used N = {num_samples} samples")
     classes = torch.repeat_interleave(torch.arange(counts.numel()), counts)
-    eye = torch.eye(counts.numel(), dtype=torch.float64)[classes]
-    k = counts.numel()
-    return (1 - label_smoothing_eps) * eye + label_smoothing_eps / k
+    return smooth_labels(torch.eye(counts.numel(), dtype=torch.float64)[classes], label_smoothing_eps)

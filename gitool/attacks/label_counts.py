@@ -86,6 +86,19 @@ def drift_without_gradients(theta0: torch.Tensor, steps: int, lr: float, optimiz
     return theta - theta0
 
 
+def mean_gradient(delta: torch.Tensor, theta0: torch.Tensor, steps: int, lr: float, optimizer: str,
+                  momentum: float = 0.0, prox_mu: float = 0.0, weight_decay: float = 0.0,
+                  coefficient_sum: float | None = None) -> torch.Tensor:
+    """The gradient g that, taken at every one of the m local steps, gives the update:
+    delta = drift - eta (sum_s c_s) g, so g = -(delta - drift) / (eta sum_s c_s). Exact for
+    one step (g = -delta / eta - wd theta_0, momentum and the FedProx term vanish there);
+    for m > 1 it is the c-weighted mean of the step gradients."""
+    if coefficient_sum is None:
+        coefficient_sum = float(optimizer_response(steps, lr, optimizer, momentum, prox_mu, weight_decay)[steps].sum())
+    drift = drift_without_gradients(theta0, steps, lr, optimizer, momentum, prox_mu, weight_decay)
+    return -(delta - drift) / (lr * coefficient_sum)
+
+
 # --------------------------------------------------------------------------- classic baselines
 
 

@@ -12,3 +12,11 @@ import torch
 def soft_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of -sum_i y_i log softmax(z)_i."""
     return -(labels * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def smooth_labels(labels: torch.Tensor, eps: torch.Tensor | float) -> torch.Tensor:
+    """Label smoothing, y = (1 - eps) y + eps / K, with one eps for all rows or one per row."""
+    eps = torch.as_tensor(eps, dtype=labels.dtype)
+    if eps.ndim == 1:
+        eps = eps[:, None]
+    return (1 - eps) * labels + eps / labels.shape[1]

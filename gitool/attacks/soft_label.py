@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gitool.errors import GitoolError, UsageError
+from gitool.attacks.errors import AttackError, InputError
 
 FREE_ENTRIES = {"hard": 1, "smoothing": 1, "mixup": 2}
 FAMILIES = ("auto", "hard", "smoothing", "mixup")
@@ -116,7 +116,7 @@ def lambda_family(weight: torch.Tensor, weight_grad: torch.Tensor, bias: torch.T
     weight_grad = weight_grad.to(torch.float64)
     norms = weight_grad.norm(dim=1)
     if float(norms.max()) == 0.0:
-        raise GitoolError(ZERO_GRADIENT)
+        raise AttackError(ZERO_GRADIENT)
     row = int(norms.argmax())
     row_grad = weight_grad[row]
     ratios = weight_grad @ row_grad / (row_grad @ row_grad)
@@ -508,7 +508,7 @@ def fit_priors(family: LambdaFamily, priors: list[str], search: str = "scan", *,
     for prior in priors:
         free = FREE_ENTRIES[prior]
         if family.num_classes - free < 2:
-            raise UsageError(f"the {prior} prior needs at least {free + 2} classes (K = {family.num_classes}): "
+            raise InputError(f"the {prior} prior needs at least {free + 2} classes (K = {family.num_classes}): "
                              "with fewer, every lambda fits")
     if search == "scan":
         results = scan_lambda(family, tuple(FREE_ENTRIES[p] for p in priors), keep_grid=keep_grid,
@@ -517,7 +517,7 @@ def fit_priors(family: LambdaFamily, priors: list[str], search: str = "scan", *,
     if search == "pso":
         return {prior: PriorFit(prior, pso_lambda(family, FREE_ENTRIES[prior], prior, seed=seed,
                                                   label_tolerance=label_tolerance)) for prior in priors}
-    raise UsageError(f"unknown search {search!r}; choose one of {', '.join(SEARCHES)}")
+    raise InputError(f"unknown search {search!r}; choose one of {', '.join(SEARCHES)}")
 
 
 @dataclass
@@ -548,7 +548,7 @@ def recover_soft_label(weight: torch.Tensor, weight_grad: torch.Tensor, bias: to
 
     ``bias`` (when given) enters the logits lam u + b; its gradient is not used here."""
     if family not in FAMILIES:
-        raise UsageError(f"unknown label family {family!r}; choose one of {', '.join(FAMILIES)}")
+        raise InputError(f"unknown label family {family!r}; choose one of {', '.join(FAMILIES)}")
     lam_family = lambda_family(weight, weight_grad, bias)
     priors = ["smoothing", "mixup"] if family == "auto" else ["mixup" if family == "mixup" else "smoothing"]
     if family == "auto" and lam_family.num_classes - FREE_ENTRIES["mixup"] < 2:
@@ -556,13 +556,13 @@ def recover_soft_label(weight: torch.Tensor, weight_grad: torch.Tensor, bias: to
     fits = fit_priors(lam_family, priors, search, seed=seed, keep_grid=keep_grid, label_tolerance=label_tolerance)
     for prior, fit in fits.items():
         if fit.best is None and fit.result.flat and (family != "auto" or all(f.best is None for f in fits.values())):
-            raise GitoolError(f"the gradient does not determine the label: {_flat_text(fit)}")
+            raise AttackError(f"the gradient does not determine the label: {_flat_text(fit)}")
     chosen, reason = _choose_prior(fits, family)
     fit = fits[chosen]
     best = fit.best
     if any(low * (1 - 1e-2 * np.sign(low)) <= best.lam <= high * (1 + 1e-2 * np.sign(high))
            for low, high in fit.result.flat):
-        raise GitoolError(f"the gradient does not determine the label: {_flat_text(fit)}")
+        raise AttackError(f"the gradient does not determine the label: {_flat_text(fit)}")
     warnings: list[str] = []
     ambiguous = False
     for prior, other in fits.items():
@@ -602,7 +602,7 @@ def _choose_prior(fits: dict[str, PriorFit], family: str) -> tuple[str, str]:
     if len(fits) == 1:
         (prior, fit), = fits.items()
         if fit.best is None or fit.loss > APPROXIMATE_TOLERANCE:
-            raise GitoolError(_no_fit_message(fit))
+            raise AttackError(_no_fit_message(fit))
         return prior, f"--family {family}: fitted the {prior} prior (loss {fit.loss:.2e})"
     smooth, mix = fits["smoothing"], fits["mixup"]
     if smooth.best is not None and smooth.loss <= FIT_TOLERANCE:
@@ -620,7 +620,7 @@ def _choose_prior(fits: dict[str, PriorFit], family: str) -> tuple[str, str]:
     if mix.best is not None and mix.loss <= APPROXIMATE_TOLERANCE:
         return "mixup", (f"neither prior fits exactly; mixup fits approximately (loss {mix.loss:.2e}), smoothing "
                          f"does not ({_loss_text(smooth)})")
-    raise GitoolError("the gradient fits neither label family: " + _no_fit_message(smooth) + "; "
+    raise AttackError("the gradient fits neither label family: " + _no_fit_message(smooth) + "; "
                       + _no_fit_message(mix))
 
 
@@ -655,8 +655,8 @@ def bias_feature(weight_grad: torch.Tensor, bias_grad: torch.Tensor) -> torch.Te
     power = float(bias_grad @ bias_grad)
     if power == 0.0:
         if float(weight_grad.abs().max()) == 0.0:
-            raise GitoolError(ZERO_GRADIENT)
-        raise GitoolError("the bias gradient is zero but the weight gradient is not: not a single-sample gradient "
+            raise AttackError(ZERO_GRADIENT)
+        raise AttackError("the bias gradient is zero but the weight gradient is not: not a single-sample gradient "
                           "of this layer (try --method lambda)")
     return weight_grad.T @ bias_grad / power
 

@@ -196,15 +196,51 @@ def _require_finite(raw: RawFile, names: Iterable[str]) -> None:
             raise GitoolError(f"{raw.path}: tensor '{name}' holds NaN or infinite values")
 
 
-def _require_finite_on_disk(path: Path, names: list[str]) -> None:
-    """Finiteness of tensors not kept in memory, checked piece by piece."""
-    from gitool.codec import TensorFile
+def sha256_checking_finite(path: Path, entries: dict[str, Any], names: Iterable[str]) -> str:
+    """The file's sha256, in one sequential pass that also checks the float tensors
+    ``names`` (those not read into memory) for NaN and infinity: a NaN anywhere still
+    refuses the file, and the bytes are read once for both."""
+    from gitool.codec import CHUNK_BYTES, DTYPES, open_regular
 
-    with TensorFile(path, "a gitool file") as handle:
-        for name in names:
-            for piece in handle.chunks(name):
-                if piece.is_floating_point() and not torch.isfinite(piece).all():
-                    raise GitoolError(f"{path}: tensor '{name}' holds NaN or infinite values")
+    spans = sorted((entries[n].begin, entries[n].end, n) for n in names if entries[n].dtype in ("F32", "F64"))
+    digest = hashlib.sha256()
+    block = bytearray(CHUNK_BYTES)
+    carry = b""  # the first bytes of an element that the previous block cut
+
+    def check(data, dtype, name: str) -> None:
+        if len(data) and not torch.isfinite(torch.frombuffer(data, dtype=dtype)).all():
+            raise GitoolError(f"{path}: tensor '{name}' holds NaN or infinite values")
+
+    with open_regular(path, "a gitool file") as handle:
+        start, first = 0, 0
+        while (size := handle.readinto(block)) > 0:
+            view = memoryview(block)[:size]
+            digest.update(view)
+            stop = start + size
+            while first < len(spans) and spans[first][1] <= start:
+                first += 1
+            for begin, end, name in spans[first:]:
+                if begin >= stop:
+                    break
+                dtype, itemsize = DTYPES[entries[name].dtype]
+                lo, hi = max(begin, start), min(end, stop)
+                if carry and lo == start:  # complete the element the last block cut
+                    need = itemsize - len(carry)
+                    check(bytearray(carry + bytes(view[:need])), dtype, name)
+                    lo += need
+                carry = b""
+                whole = (hi - lo) - (hi - lo) % itemsize
+                check(view[lo - start:lo - start + whole], dtype, name)
+                carry = bytes(view[lo - start + whole:hi - start])
+            start = stop
+    return digest.hexdigest()
+
+
+def file_identity(path: Path) -> tuple[int, int, int, int]:
+    """What tells that a file was replaced or rewritten since it was read (device, inode,
+    size, modification time): a later partial read checks it instead of hashing again."""
+    info = path.stat()
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
 
 
 def _require_tensors(raw: RawFile, names: Iterable[str]) -> None:

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from gitool.errors import GitoolError
-from gitool.files.container import (RawFile, _build_spec, _require_finite, _require_finite_on_disk, _section,
-                                    _write, file_sha256, read_raw)
+from gitool.files.container import (RawFile, _build_spec, _require_finite, _section, _write, file_identity,
+                                    file_sha256, read_raw, sha256_checking_finite)
 from gitool.specs import DefenceSpec, InputSpec, LossSpec, TrainingSpec
 
 
@@ -53,8 +53,9 @@ class Update:
     sha256: str | None = None
     # (weight, bias) parameter names of the classifier, found once: finding them builds the model.
     _classifier_names: tuple[str, str | None] | None = field(default=None, init=False, repr=False, compare=False)
-    # True when only the classifier's tensors were read (see read_all).
-    _partial: bool = field(default=False, init=False, repr=False, compare=False)
+    # The tensors a partial load left on disk, and the file's identity then (see read_all).
+    _unread: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
+    _identity: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def num_samples(self) -> int:
@@ -82,11 +83,21 @@ class Update:
 
     def read_all(self) -> None:
         """Read the tensors a partial load (``load_update(..., tensors="classifier")``) left on disk."""
-        if self._partial and self.path is not None:
-            full = load_update(self.path)
-            if full.sha256 != self.sha256:
-                raise GitoolError(f"{self.path} changed while it was being read")
-            self.global_state, self.values, self._partial = full.global_state, full.values, False
+        if not self._unread or self.path is None:
+            return
+        if file_identity(self.path) != self._identity:
+            raise GitoolError(f"{self.path} changed while it was being read")
+        from gitool.codec import TensorFile
+
+        prefix = VALUE_PREFIX[self.kind]
+        tensors = {GLOBAL_PREFIX + n: t for n, t in self.global_state.items()}
+        tensors.update({prefix + n: t for n, t in self.values.items()})
+        with TensorFile(self.path, "a gitool file") as handle:  # checked finite when the load hashed it
+            tensors.update({name: handle.read(name) for name in self._unread})
+            order = list(handle.entries)  # the order a full load gives
+        self.global_state = {n[len(GLOBAL_PREFIX):]: tensors[n] for n in order if n.startswith(GLOBAL_PREFIX)}
+        self.values = {n[len(prefix):]: tensors[n] for n in order if n.startswith(prefix)}
+        self._unread = []
 
     def last_layer(self, model=None) -> LastLayer:
         """The classifier's weights and their gradient/update, in float64."""
@@ -263,9 +274,12 @@ def load_update(path: str | Path, tensors: str = "all") -> Update:
     if tensors not in ("all", "classifier"):
         raise ValueError(f"tensors must be 'all' or 'classifier', not {tensors!r}")
     raw = read_raw(path, ("update",), expect=expect)
+    identity = file_identity(raw.path)
     _require_finite(raw, raw.tensors)
-    if tensors == "classifier":  # the rest stays on disk, but a NaN anywhere still refuses the file
-        _require_finite_on_disk(raw.path, [n for n in raw.entries if n not in raw.tensors])
+    unread = [n for n in raw.entries if n not in raw.tensors]
+    # The rest stays on disk, but a NaN anywhere still refuses the file: checked in the
+    # same pass that hashes it.
+    digest = sha256_checking_finite(raw.path, raw.entries, unread) if unread else file_sha256(raw.path)
     prefix = VALUE_PREFIX[parsed["kind"]]
     global_state = {n[len(GLOBAL_PREFIX):]: t for n, t in raw.tensors.items() if n.startswith(GLOBAL_PREFIX)}
     values = {n[len(prefix):]: t for n, t in raw.tensors.items() if n.startswith(prefix)}
@@ -280,9 +294,9 @@ def load_update(path: str | Path, tensors: str = "all") -> Update:
         values=values,
         provenance=parsed["provenance"],
         path=raw.path,
-        sha256=file_sha256(raw.path),
+        sha256=digest,
     )
-    update._partial = tensors == "classifier"
+    update._unread, update._identity = unread, identity
     return update
 
 

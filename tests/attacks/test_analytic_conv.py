@@ -14,7 +14,7 @@ from gitool.attacks.analytic_conv import (
     tap_pixel_index,
 )
 from gitool.attacks.analytic_fc import activation_derivative
-from gitool.errors import GitoolError
+from gitool.attacks.errors import AttackError
 
 F64 = torch.float64
 ACT = {"relu": torch.relu, "leakyrelu": lambda z: F.leaky_relu(z, 0.2), "sigmoid": torch.sigmoid, "tanh": torch.tanh}
@@ -70,7 +70,7 @@ def test_few_filters_add_the_forward_rows_and_stay_exact():
 def test_rank_deficient_layer_names_itself_and_the_counts():
     # ReLU with 1 filter, stride 2: 9 gradient rows per channel and ~8 active outputs for 192 unknowns.
     layer, _, deltas, output = make_layer(filters=1, kernel=3, stride=2, padding=1, activation="relu")
-    with pytest.raises(GitoolError, match=r"conv 7: cannot recover its input \(192 unknowns; 27 gradient equations, "
+    with pytest.raises(AttackError, match=r"conv 7: cannot recover its input \(192 unknowns; 27 gradient equations, "
                                           r"\d+ weight equations"):
         invert_conv_layer(layer, deltas, output, SolveOptions(), "conv 7")
 
@@ -78,7 +78,7 @@ def test_rank_deficient_layer_names_itself_and_the_counts():
 def test_pixels_the_stride_never_reads_are_reported():
     # 8 pixels, kernel 5, stride 2, no padding: outputs read rows 0..6 only; row and column 7 are lost.
     layer, _, deltas, output = make_layer(size=8, filters=40, kernel=5, stride=2, padding=0)
-    with pytest.raises(GitoolError, match="15 of 64 pixels are never read"):
+    with pytest.raises(AttackError, match="15 of 64 pixels are never read"):
         invert_conv_layer(layer, deltas, output, SolveOptions(), "conv 2")
 
 

@@ -9,7 +9,7 @@ from gitool.attacks.analytic_fc import (
     classifier_deltas,
     invert_linear,
 )
-from gitool.errors import GitoolError
+from gitool.attacks.errors import AttackError
 
 F64 = torch.float64
 
@@ -36,7 +36,7 @@ def test_batch_with_independent_deltas_is_separated_exactly():
 def test_dependent_deltas_refuse_with_the_counts():
     deltas = torch.tensor([[1.0, 2.0, 0.0], [2.0, 4.0, 0.0]], dtype=F64)
     gradient = deltas.T @ torch.rand(2, 5, dtype=F64)
-    with pytest.raises(GitoolError, match=r"layer 3: the 2 sample delta\(s\) have rank 1 \(2 nonzero rows for 2 x 5"):
+    with pytest.raises(AttackError, match=r"layer 3: the 2 sample delta\(s\) have rank 1 \(2 nonzero rows for 2 x 5"):
         invert_linear(gradient, deltas, what="layer 3")
 
 

@@ -14,7 +14,7 @@ from gitool.attacks.gradient_matching import (
     total_variation,
 )
 from gitool.capture import soft_cross_entropy
-from gitool.errors import GitoolError, UsageError
+from gitool.attacks.errors import AttackError, InputError
 from gitool.files import InputSpec
 from gitool.metrics import psnr
 
@@ -141,16 +141,16 @@ def test_feature_term_and_f_terms_drop_the_last_weight():
     matcher = GradientMatcher(model, SPEC.normalize, target, ClientTraining("gradient", 1), MatchConfig(terms="f"),
                               labels=labels, features=torch.rand(1, 32))
     assert "3.weight" not in matcher.matched and "3.bias" in matcher.matched
-    with pytest.raises(UsageError, match="need the recovered last-layer features"):
+    with pytest.raises(InputError, match="need the recovered last-layer features"):
         GradientMatcher(model, SPEC.normalize, target, ClientTraining("gradient", 1), MatchConfig(terms="gf"),
                         labels=labels)
-    with pytest.raises(UsageError, match="features have shape"):
+    with pytest.raises(InputError, match="features have shape"):
         GradientMatcher(model, SPEC.normalize, target, ClientTraining("gradient", 1), MatchConfig(terms="gf"),
                         labels=labels, features=torch.rand(1, 31))
-    with pytest.raises(UsageError, match="labels have shape"):
+    with pytest.raises(InputError, match="labels have shape"):
         GradientMatcher(model, SPEC.normalize, target, ClientTraining("gradient", 1), MatchConfig(),
                         labels=torch.full((1, 5), 0.2))
-    with pytest.raises(UsageError, match="unknown distance"):
+    with pytest.raises(InputError, match="unknown distance"):
         GradientMatcher(model, SPEC.normalize, target, ClientTraining("gradient", 1), MatchConfig(distance="l1"),
                         labels=labels)
 
@@ -159,7 +159,7 @@ def test_labels_from_counts_expand_class_by_class_with_smoothing():
     rows = labels_from_counts(torch.tensor([0, 2, 1]), 3, label_smoothing_eps=0.3)
     expected = torch.tensor([[0.1, 0.8, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]], dtype=torch.float64)
     torch.testing.assert_close(rows, expected)
-    with pytest.raises(UsageError, match="sum to 3"):
+    with pytest.raises(InputError, match="sum to 3"):
         labels_from_counts(torch.tensor([0, 2, 1]), 4)
 
 
@@ -186,7 +186,7 @@ def test_a_diverged_run_is_a_clear_error():
     target["3.bias"][0] = float("nan")  # a corrupt update: every objective value is NaN
     matcher = GradientMatcher(model, SPEC.normalize, target, ClientTraining("gradient", 1),
                               MatchConfig(iterations=3, restarts=2, tv=0.0), labels=labels)
-    with pytest.raises(GitoolError, match="diverged"):
+    with pytest.raises(AttackError, match="diverged"):
         matcher.run(SPEC.shape)
-    with pytest.raises(UsageError, match="finite"):
+    with pytest.raises(InputError, match="finite"):
         MatchConfig(lr=float("inf")).validate()

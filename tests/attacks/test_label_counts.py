@@ -116,3 +116,18 @@ def test_published_rlu_estimate_is_exact_when_every_sample_has_the_shift_as_soft
     confident = torch.tensor([0.02, 0.0, 0.01, 0.0], dtype=torch.float64)
     estimate = lc.published_rlu_estimate(confident, shift, 8)
     assert float(estimate.sum()) == pytest.approx(8) and estimate[1] > estimate[0]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "fedprox"])
+def test_mean_gradient_undoes_one_local_step_exactly(optimizer):
+    """One step of any supported optimiser is theta_1 - theta_0 = -eta (g + wd theta_0):
+    mean_gradient gives g back to round-off, momentum and the proximal term included."""
+    from gitool.attacks.label_counts import mean_gradient
+
+    generator = torch.Generator().manual_seed(0)
+    theta0, g = torch.randn(7, 5, generator=generator, dtype=torch.float64), torch.randn(7, 5, generator=generator,
+                                                                                           dtype=torch.float64)
+    lr, wd = 0.05, 0.01
+    delta = -lr * (g + wd * theta0)
+    recovered = mean_gradient(delta, theta0, 1, lr, optimizer, momentum=0.9, prox_mu=0.1, weight_decay=wd)
+    assert float((recovered - g).abs().max()) < 1e-14

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gitool.attacks import soft_label as sl
-from gitool.errors import GitoolError, UsageError
+from gitool.attacks.errors import AttackError, InputError
 
 
 def make_case(label: torch.Tensor, *, bias: bool = False, confident: float = 0.0, seed: int = 0, d: int = 24,
@@ -135,9 +135,9 @@ def test_valley_walls_stay_visible_on_confident_models():
 
 def test_zero_gradient_is_a_clear_error():
     case = make_case(smoothed(10, 1, 0.1))
-    with pytest.raises(GitoolError, match="p = y, nothing to recover"):
+    with pytest.raises(AttackError, match="p = y, nothing to recover"):
         sl.recover_soft_label(case["weight"], torch.zeros_like(case["weight_grad"]))
-    with pytest.raises(GitoolError, match="nothing to recover"):
+    with pytest.raises(AttackError, match="nothing to recover"):
         sl.recover_with_bias(case["weight"], torch.zeros(10, dtype=torch.float64),
                              torch.zeros_like(case["weight_grad"]), torch.zeros(10, dtype=torch.float64))
 
@@ -145,13 +145,13 @@ def test_zero_gradient_is_a_clear_error():
 def test_a_label_of_neither_family_is_reported():
     label = torch.tensor([0.45, 0.25, 0.15, 0.1, 0.05, 0, 0, 0, 0, 0], dtype=torch.float64)
     case = make_case(label, seed=5)
-    with pytest.raises(GitoolError, match="fits neither label family"):
+    with pytest.raises(AttackError, match="fits neither label family"):
         sl.recover_soft_label(case["weight"], case["weight_grad"])
 
 
 def test_too_few_classes_for_a_prior_is_a_usage_error():
     case = make_case(mixed(3, 0, 1, 0.3))
-    with pytest.raises(UsageError, match="at least 4 classes"):
+    with pytest.raises(InputError, match="at least 4 classes"):
         sl.recover_soft_label(case["weight"], case["weight_grad"], family="mixup")
 
 
@@ -159,7 +159,7 @@ def test_saturated_softmax_is_flagged_not_guessed():
     # logits of size ~1e4: p is one-hot on class 0, the sample is a mixup of 0 and 4, so every
     # lambda >= 1 explains the gradient with the mixup prior (methods.md: the family is flat)
     case = make_case(mixed(10, 0, 4, 0.43), confident=1e4)
-    with pytest.raises(GitoolError, match="does not determine the label"):
+    with pytest.raises(AttackError, match="does not determine the label"):
         sl.recover_soft_label(case["weight"], case["weight_grad"], family="mixup")
     result = sl.recover_soft_label(case["weight"], case["weight_grad"], family="auto")
     assert result.ambiguous and any("ambiguous" in w for w in result.warnings)
