@@ -65,7 +65,7 @@ from gitool.models import ModelSpec, build_model, dropout_off, init_parameters  
 # The count methods that apply to N = B m > K samples (idlg needs N = 1, yin N <= K).
 METHODS = tuple(name for name, method in LABEL_METHODS.items() if "batch" in method.accepts
                 and name not in ("idlg", "yin"))
-COLUMNS = ("rlu", "rlu*", "rlu-mid") + tuple(m for m in METHODS if m != "rlu")
+COLUMNS = ("rlu", "rlu*", "rlu-mid", "rlu-published") + tuple(m for m in METHODS if m not in ("rlu", "rlu-published"))
 CLIENT_SEED, TRAIN_SEED, HELDOUT_SEED, AUX_SEED = 0, 1, 2, 7
 DATA = "photos"
 IMAGE = (3, 32, 32)
@@ -244,12 +244,14 @@ def read_record(path: Path | None) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def table(rows: list[Row], records: list[dict], aux_per_class: int) -> str:
+def table(rows: list[Row], records: list[dict], aux_per_class: int, updates: int | None = None) -> str:
+    """The markdown table of the recorded updates (the first ``updates`` of each row)."""
     header = ("| model | target | B | m | opt | held-out acc | mean 1-p_y | "
               + " | ".join(COLUMNS) + " | n | rlu s/update |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
-        mine = [r for r in records if r["row"] == row.key() and r["aux_per_class"] == aux_per_class]
+        mine = [r for r in records if r["row"] == row.key() and r["aux_per_class"] == aux_per_class
+                and (updates is None or r["update"] < updates)]
         if not mine:
             continue
 
@@ -275,7 +277,7 @@ def parse_only(text: str, count: int) -> list[int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--updates", type=int, default=20, help="updates per row")
+    parser.add_argument("--updates", type=int, default=20, help="updates per row (the table shows the first N)")
     parser.add_argument("--aux-per-class", type=int, default=None,
                         help="auxiliary images per class (default: rlu's default)")
     parser.add_argument("--only", default="", help="rows to run, 1-based, e.g. 1-4,13 (default: all, in order)")
@@ -313,7 +315,7 @@ def main() -> None:
                         handle.write(json.dumps(record) + "\n")
                 print(f"{row.key()} update {index}: " + ", ".join(
                     f"{m} {v[1]:.3f}" for m, v in record["methods"].items()), file=sys.stderr, flush=True)
-    print(table(chosen, records, args.aux_per_class))
+    print(table(chosen, records, args.aux_per_class, args.updates))
 
 
 if __name__ == "__main__":

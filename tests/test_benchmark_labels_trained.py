@@ -57,5 +57,6 @@ def test_table_reads_the_record_and_rows_are_numbered_smallest_first(bench, tmp_
               "methods": {"rlu": [1.0, 0.9 + 0.1 * i, 0.01], "rlu*": [1.0, 1.0, 0.02]}} for i in range(2)]
     record.write_text("".join(json.dumps(line) + "\n" for line in lines))
     text = bench.table(rows[:2], bench.read_record(record), 10)
-    assert "| lenet5 | 50% | 32 | 1 | sgd | 0.500 | 0.400 | 0.950 | 1.000 | n/a |" in text
+    assert "| lenet5 | 50% | 32 | 1 | sgd | 0.500 | 0.400 | 0.950 | 1.000 | n/a | n/a |" in text
     assert text.count("\n") == 2  # the header, the rule and the one recorded row
+    assert "| 0.900 | 1.000 | n/a | n/a |" in bench.table(rows[:1], bench.read_record(record), 10, updates=1)
