@@ -206,3 +206,17 @@ def test_refinement_stops_once_a_round_moves_almost_no_labels():
     _, diagnostics = _refine(system_for, torch.tensor([40.0, 40.0, 20.0], dtype=torch.float64), 1.0, observed,
                              100, rounds=5, tolerance=0.1)
     assert diagnostics["labels_moved"] == [10]
+
+
+def test_runaway_drift_counts_give_way_to_the_global_models():
+    from gitool.labels_batch import _unless_runaway
+
+    system = torch.eye(3, dtype=torch.float64) - torch.full((3, 3), 1 / 3, dtype=torch.float64)
+    observed = system @ torch.tensor([50.0, 30.0, 20.0], dtype=torch.float64)  # the global system fits exactly
+    runaway = (torch.tensor([90, 5, 5]), {"residual": 0.6})
+    counts, diagnostics = _unless_runaway(runaway, system, observed, 100)
+    assert counts.tolist() == [50, 30, 20] and "fallback" in diagnostics and diagnostics["drift_residual"] == 0.6
+    assert diagnostics["residual"] < 1e-9
+    close = (torch.tensor([48, 32, 20]), {"residual": 0.05})  # fits about as well: the drift model stays
+    counts, diagnostics = _unless_runaway(close, system, observed, 100)
+    assert counts.tolist() == [48, 32, 20] and "fallback" not in diagnostics
