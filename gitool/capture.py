@@ -207,20 +207,21 @@ def apply_label_family(source, indices: np.ndarray, loss: LossSpec, num_classes:
 
 
 def _batch_gradient(model, params, inputs, labels, defence: DefenceSpec, generator: torch.Generator):
-    """The gradient of the mean batch loss, with DP-SGD clipping and noise if asked.
+    """The gradient of the mean batch loss, with DP-SGD clipping and noise if asked (zero
+    for a parameter the loss does not reach, a user model's unused head, say).
     Returns (gradients, last-layer features of the batch)."""
     from gitool.models import forward_with_features
 
     if not defence.dp_clip:
         logits, features = forward_with_features(model, inputs)
-        grads = torch.autograd.grad(soft_cross_entropy(logits, labels), params)
+        grads = torch.autograd.grad(soft_cross_entropy(logits, labels), params, materialize_grads=True)
         return list(grads), features.detach()
     # DP-SGD: clip each sample's gradient to norm C, sum, add N(0, (sigma C)^2), divide by B.
     total = [torch.zeros_like(p) for p in params]
     features = []
     for i in range(inputs.shape[0]):
         logits, feature = forward_with_features(model, inputs[i : i + 1])
-        grads = torch.autograd.grad(soft_cross_entropy(logits, labels[i : i + 1]), params)
+        grads = torch.autograd.grad(soft_cross_entropy(logits, labels[i : i + 1]), params, materialize_grads=True)
         norm = torch.sqrt(sum((g.to(torch.float64) ** 2).sum() for g in grads))
         scale = min(1.0, defence.dp_clip / (float(norm) + 1e-12))
         for acc, g in zip(total, grads):

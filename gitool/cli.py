@@ -30,7 +30,7 @@ from gitool.errors import GitoolError, UsageError, attack_errors
 from gitool import steps as step  # not `steps`: capture has an option of that name
 
 # Commands in the order of an attack chain, then the tools around it.
-CHAIN_ORDER = ("capture", "labels", "features", "reconstruct", "score", "inspect", "import", "export", "train",
+CHAIN_ORDER = ("capture", "labels", "features", "reconstruct", "score", "inspect", "import", "truth", "export", "train",
                "models", "demo")
 
 
@@ -266,6 +266,11 @@ ModelOptOpt = Annotated[Optional[list[str]], typer.Option(
     help="Model-specific KEY=VALUE, repeatable (e.g. channels=77,22,3,3 for rconv-lenet, widths=4096,1024,256 "
          "for fcn4).",
     rich_help_panel="model")]
+ModelOutputOpt = Annotated[Optional[str], typer.Option(
+    "--model-output",
+    help="For a user model whose forward returns several values: which one is the logits, an index into the "
+         "tuple (0) or a dict key (logits). Recorded in the update, so every command runs the model through it.",
+    rich_help_panel="model")]
 # Training, loss, defence and input facts: declared once, shared by capture and import
 # (capture gives them defaults, import leaves an option nobody gave unknown).
 BatchSizeOpt = Annotated[Optional[int], typer.Option(
@@ -358,6 +363,7 @@ def capture(
     bias: NoBiasOpt = None,
     init: InitOpt = None,
     model_opt: ModelOptOpt = None,
+    model_output: ModelOutputOpt = None,
     data: Annotated[str, typer.Option("--data", "-d", help="Data source: synthetic, digits, samples, folder:PATH, "
                     "cifar10:PATH, cifar100:PATH.", rich_help_panel="private data")] = "synthetic",
     normalize: NormalizeOpt = None,
@@ -636,6 +642,7 @@ def score(
 @app.command()
 def inspect(
     file: Annotated[Path, typer.Argument(help="Any gitool file.")],
+    model: TrustOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
     """Show a file's kind, version, metadata and a table of its tensors (shape, dtype, norm, range).
@@ -646,9 +653,7 @@ def inspect(
 
     Example: gitool inspect run/0000.update.safetensors
     """
-    from gitool.inspect import inspect_file
-
-    document = inspect_file(file)
+    document = step.inspect(file=file, model=model)
     if json_output:
         emit_json(document)
         return
@@ -677,6 +682,7 @@ def import_command(
     activation: ActivationOpt = None,
     bias: NoBiasOpt = None,
     model_opt: ModelOptOpt = None,
+    model_output: ModelOutputOpt = None,
     batch_size: BatchSizeOpt = None,
     steps: StepsOpt = None,
     lr: LrOpt = None,
@@ -723,6 +729,35 @@ def import_command(
         err.print(f"unknown facts (attacks that need them will ask): {', '.join(unknown)}", highlight=False)
 
 
+@app.command("truth")
+def truth_command(
+    update_file: Annotated[Path, typer.Argument(metavar="UPDATE", help="The update the private batch belongs to.")],
+    private: Annotated[Path, typer.Option("--private", help="The client's private batch: torch.save({'images': "
+                       "images, 'labels': labels}, 'private.pt') (.pt read weights-only; or the same names in "
+                       ".safetensors or .npz). N = B x m samples in step order; images in [0, 1] or 'inputs' as "
+                       "the model saw them; labels as N class indices or N x K soft labels.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The truth file to write.")],
+    model: TrustOpt = None,
+    device: DeviceOpt = "cpu",
+    json_output: JsonOpt = False,
+) -> None:
+    """Make the truth file of an imported update from the client's own private batch, so that `gitool score` can tell what leaked.
+
+    The client's local training is replayed on the batch from the update's global weights
+    (for the last-layer features at each step); the replay must give back the update, and
+    how closely it does is printed and recorded.
+
+    Example: gitool truth client.update.safetensors --private private.pt --model mynet:make -o client.truth.safetensors
+    """
+    report = step.truth(update_file=update_file, private=private, output=output, model=model, device=device)
+    if json_output:
+        emit_json({key: report[key] for key in ("output", "samples", "replay_error", "replays")})
+        return
+    count = report["samples"]
+    out.print(f"wrote {output}: {count} sample{'s' if count != 1 else ''} of {report['model']}", highlight=False)
+    (out if report["replays"] else err).print(report["summary"], highlight=False, soft_wrap=True)
+
+
 @app.command("export")
 def export_command(
     update_file: Annotated[Path, typer.Argument(help="The update file to write out.")],
@@ -760,6 +795,7 @@ def train(
     bias: NoBiasOpt = None,
     init: InitOpt = "default",
     model_opt: ModelOptOpt = None,
+    model_output: ModelOutputOpt = None,
     data: Annotated[str, typer.Option("--data", "-d", help="Data source to train on.")] = "synthetic",
     normalize: Annotated[str, typer.Option("--normalize", help="Normalisation used in training.")] = "none",
     epochs: Annotated[int, typer.Option("--epochs", help="Passes over the data.")] = 10,
@@ -873,6 +909,8 @@ def print_inspection(document: dict[str, Any]) -> None:
     if document["problem"]:
         err.print(f"[bold yellow]warning:[/] the attack commands would refuse this file: {document['problem']}",
                   highlight=False, soft_wrap=True)
+    if document["unchecked"]:
+        err.print(f"[bold yellow]warning:[/] {document['unchecked']}", highlight=False, soft_wrap=True)
 
 
 def print_scores(report: dict[str, Any], png: Path | None) -> None:
@@ -969,7 +1007,10 @@ def print_label_rows(rows: list[dict[str, Any]]) -> None:
             extra = f"{d['label_smoothing']:.4f}"
         else:
             extra = "-"
-        ok = "yes" if d.get("converged") and not d.get("ambiguous") else ("ambiguous" if d.get("ambiguous") else "no")
+        if d.get("ambiguous"):
+            ok = "ambiguous"
+        else:  # count methods report no convergence: nothing to say, rather than a false "no"
+            ok = "-" if "converged" not in d else "yes" if d["converged"] else "no"
         table.add_row(Path(row["update"]).name, row["method"], str(d.get("family", "-")), top or "-", extra,
                       _fmt(d.get("loss")), _fmt(d.get("residual")), ok, f"{1e3 * row['seconds']:.1f}")
     out.print(table)

@@ -58,17 +58,22 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
     with TensorFile(path, "a gitool file") as handle:
         raw = files.check_header(handle, None)
         rows = [tensor_stats(handle, name) for name in sorted(handle.entries)]
+    from gitool.models import UntrustedFactory
+
+    problem = unchecked = None
     try:
         loaded = getattr(files, VALIDATORS[raw.kind])(path)
         _check_against_its_update(files, raw.kind, loaded)
-        problem = None
+    except UntrustedFactory as exc:  # the file may be fine: checking it needs the user's model code
+        unchecked = (f"not checked against its model: {exc.factory} is a user factory, which gitool runs only "
+                     f"when the command line names it (--model {exc.factory}); the attack commands need that too")
     except GitoolError as exc:
         problem = str(exc)
     meta = raw.meta
     if raw.kind == "update":
         meta = _mark_unknown(meta)
     return {"path": str(raw.path), "kind": raw.kind, "version": raw.version, "producer": raw.producer,
-            "metadata": meta, "tensors": rows, "problem": problem}
+            "metadata": meta, "tensors": rows, "problem": problem, "unchecked": unchecked}
 
 
 def _check_against_its_update(files, kind: str, loaded) -> None:

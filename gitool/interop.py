@@ -269,12 +269,24 @@ def read_weights(path: str | Path, part: str, layout: ModelLayout) -> dict[str, 
             obj = obj[part]
         elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             obj = obj["state_dict"]
+        if part == "gradient" and isinstance(obj, dict):
+            obj = _unused_as_zero(obj, layout)
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise GitoolError(f"{path}: expected a dictionary of tensors (a state_dict)")
         return {str(k): v for k, v in obj.items()}
     if suffix == ".safetensors":
         return dict(load_checkpoint(path, budget=layout.budget).state)
     raise UsageError(f"{path}: unknown weights format; expected .safetensors, .pt, .pth, .bin or .npz")
+
+
+def _unused_as_zero(gradients: dict, layout: ModelLayout) -> dict:
+    """``{n: p.grad for n, p in net.named_parameters()}`` holds None for a parameter the
+    loss does not reach (an unused head, a frozen layer): its gradient is zero."""
+    floats = [v.dtype for v in gradients.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if not floats or not any(v is None for v in gradients.values()):
+        return gradients
+    return {name: (torch.zeros(layout.state[name].shape, dtype=floats[0])
+                   if value is None and name in layout.parameters else value) for name, value in gradients.items()}
 
 
 _LIST_KEY = re.compile(r"^arr_(\d+)$")
@@ -303,14 +315,18 @@ def _read_npz(path: Path, part: str, layout: ModelLayout) -> dict[str, torch.Ten
         order = sorted(arrays, key=lambda key: int(_LIST_KEY.match(key).group(1)))
         if [int(_LIST_KEY.match(key).group(1)) for key in order] != list(range(len(order))):
             raise GitoolError(f"{path}: arrays must be numbered arr_0 ... arr_{len(order) - 1} without gaps")
-        names = _list_names(path, part, len(order), layout)
-        values = [arrays[key] for key in order]
-    else:
-        names, values = list(arrays), list(arrays.values())
-    return {name: torch.from_numpy(value.copy()) for name, value in zip(names, values)}  # copy: C order, 0-d kept
+        return state_of_list([arrays[key] for key in order], part, layout, str(path))
+    return {name: torch.from_numpy(value.copy()) for name, value in arrays.items()}  # copy: C order, 0-d kept
 
 
-def _list_names(path: Path, part: str, count: int, layout: ModelLayout) -> list[str]:
+def state_of_list(arrays: list[np.ndarray], part: str, layout: ModelLayout, where: str) -> dict[str, torch.Tensor]:
+    """A parameter list as Flower exchanges it, named: the model's ``state_dict()`` order
+    (buffers included), or for everything but ``before`` the trainable parameters alone."""
+    names = _list_names(where, part, len(arrays), layout)
+    return {name: torch.from_numpy(value.copy()) for name, value in zip(names, arrays)}  # copy: C order, 0-d kept
+
+
+def _list_names(path: Path | str, part: str, count: int, layout: ModelLayout) -> list[str]:
     """The names of a list of ``count`` arrays: state-dict order, or parameters only."""
     n_state, n_params = len(layout.state), len(layout.parameters)
     if count == n_state and part != "gradient":
@@ -328,7 +344,7 @@ def _list_names(path: Path, part: str, count: int, layout: ModelLayout) -> list[
     raise GitoolError(f"{path}: {part} lists {count} arrays; the model needs {wanted}")
 
 
-def check_part(path: Path, part: str, tensors: dict[str, torch.Tensor], layout: ModelLayout,
+def check_part(path: Path | str, part: str, tensors: dict[str, torch.Tensor], layout: ModelLayout,
                image_hint: str = "") -> None:
     """Names, shapes, dtype kinds and finiteness of one part against the model; every
     offending entry is listed in one line."""
@@ -378,11 +394,29 @@ def import_update(spec, before: str | Path, *, after: str | Path | None = None, 
     if facts.get("update_kind", kind) != kind:
         raise UsageError(f"the facts describe a {facts['update_kind']} update, but --{part} gives a {kind}")
     layout = ModelLayout.of(spec)
-    hint = "" if input_shape_known else " (the input shape is not given: does --image-size fit?)"
     before_state = read_weights(before, "before", layout)
-    check_part(Path(before), "before", before_state, layout, hint)
     other = read_weights(values_path, part, layout)
-    check_part(Path(values_path), part, other, layout, hint)
+    update = update_of_states(spec, layout, {"before": (before_state, Path(before)), part: (other, Path(values_path))},
+                              facts, input_shape_known)
+    sources = {"before": _source(before), part: _source(values_path)}
+    if facts_path is not None:
+        sources["facts"] = _source(facts_path)
+    update.provenance["imported"] = sources
+    return update
+
+
+def update_of_states(spec, layout: ModelLayout, parts: dict[str, tuple[dict[str, torch.Tensor], Any]],
+                     facts: dict[str, Any], input_shape_known: bool = True) -> Update:
+    """An update from named tensors: ``parts`` maps ``before`` and one of ``after``,
+    ``delta``, ``gradient`` to (tensors, where they came from, for messages). Every part
+    is checked against the model, the facts against their constraints; the facts nobody
+    gave are listed in ``provenance["unknown_facts"]``."""
+    (part,) = [name for name in parts if name != "before"]
+    kind = KIND_OF_PART[part]
+    (before_state, before_where), (other, values_where) = parts["before"], parts[part]
+    hint = "" if input_shape_known else " (the input shape is not given: does --image-size fit?)"
+    check_part(before_where, "before", before_state, layout, hint)
+    check_part(values_where, part, other, layout, hint)
 
     float_dtypes = {t.dtype for t in (*before_state.values(), *other.values()) if t.is_floating_point()}
     if len(float_dtypes) > 1:
@@ -398,16 +432,13 @@ def import_update(spec, before: str | Path, *, after: str | Path | None = None, 
     else:
         values = {name: other[name] for name in layout.parameters}
     if all(float(v.abs().max()) == 0 for v in values.values() if v.numel()):
-        raise GitoolError(f"the {kind} is exactly zero: {values_path} holds nothing to attack"
+        raise GitoolError(f"the {kind} is exactly zero: {values_where} holds nothing to attack"
                           + (" (are before and after the same weights?)" if part == "after" else ""))
 
     input_spec, training, loss, defence, unknown = specs_from_facts(
         facts, kind=kind, dtype=dtype, input_shape=tuple(spec.input_shape), input_shape_known=input_shape_known,
         num_classes=spec.num_classes)
-    sources = {"before": _source(before), part: _source(values_path)}
-    if facts_path is not None:
-        sources["facts"] = _source(facts_path)
-    provenance = {"gitool_version": __version__, "imported": sources, UNKNOWN_KEY: unknown}
+    provenance = {"gitool_version": __version__, UNKNOWN_KEY: unknown}
     return Update(model=spec, input=input_spec, loss=loss, training=training, defence=defence, kind=kind,
                   global_state=global_state, values=values, provenance=provenance)
 

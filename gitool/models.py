@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from gitool.errors import GitoolError, UsageError
+from gitool.specs import OutputSelector, check_fields, constraint_of, fact
 
 ACTIVATIONS = ("relu", "leakyrelu", "sigmoid", "tanh")
 
@@ -63,6 +64,9 @@ class ModelSpec:
     activation: str | None = None
     last_bias: bool = True
     options: dict[str, str] = field(default_factory=dict)
+    # Which returned value is the logits when forward() returns a tuple, list or dict
+    # (published models often return (logits, features)); None: forward returns the logits.
+    output: int | str | None = fact(None, OutputSelector())
     # Read from a file (from_dict): a user factory it names is not trusted (see check_trusted).
     from_file: bool = field(default=False, compare=False, repr=False)
 
@@ -70,10 +74,12 @@ class ModelSpec:
         # A shape read back from JSON arrives as a list; keep the declared tuple type.
         object.__setattr__(self, "input_shape", tuple(self.input_shape))
         object.__setattr__(self, "options", dict(self.options))
+        check_fields(self, "model")
 
     def to_dict(self) -> dict[str, Any]:
-        """The spec as plain JSON types (lists, not tuples)."""
-        return {
+        """The spec as plain JSON types (lists, not tuples). ``output`` is written only
+        when set, so the files of models that return their logits stay as they were."""
+        document = {
             "name": self.name,
             "num_classes": self.num_classes,
             "input_shape": list(self.input_shape),
@@ -81,6 +87,9 @@ class ModelSpec:
             "last_bias": self.last_bias,
             "options": dict(self.options),
         }
+        if self.output is not None:
+            document["output"] = self.output
+        return document
 
     @classmethod
     def from_dict(cls, data: Any) -> ModelSpec:
@@ -99,11 +108,29 @@ class ModelSpec:
             activation=_expect(data, "activation", str, default=None, nullable=True),
             last_bias=_expect(data, "last_bias", bool, default=True),
             options=_expect_options(data.get("options", {})),
+            output=_expect_output(data.get("output")),
             from_file=True,
         )
 
 
-_SPEC_FIELDS = {"name", "num_classes", "input_shape", "activation", "last_bias", "options"}
+_SPEC_FIELDS = {"name", "num_classes", "input_shape", "activation", "last_bias", "options", "output"}
+
+
+def _expect_output(value: Any) -> int | str | None:
+    """An output selector read from JSON, checked by its declared constraint."""
+    wrong = constraint_of(ModelSpec, "output").problem(value)
+    if wrong:
+        raise GitoolError(f"model spec field 'output' {wrong}")
+    return value
+
+
+def parse_output_selector(text: str | None) -> int | str | None:
+    """``--model-output`` text: digits are an index into a returned tuple, anything else
+    a dict key (checked when the spec is made)."""
+    if text is None:
+        return None
+    text = text.strip()
+    return int(text) if text.isdigit() and len(text) <= 6 else text
 
 
 def _expect(data: dict, key: str, kind: type, default: Any = None, nullable: bool = False) -> Any:
@@ -667,6 +694,9 @@ def _check_spec(spec: ModelSpec) -> None:
         raise UsageError(f"input shape {wrong}")
     if spec.activation is not None and spec.activation not in ACTIVATIONS:
         raise UsageError(f"unknown activation '{spec.activation}'; choose one of {', '.join(ACTIVATIONS)}")
+    if spec.output is not None and not is_user_model(spec.name):
+        raise UsageError(f"model '{spec.name}' returns its logits: --model-output is for user models whose forward "
+                         "returns several values")
     if not is_user_model(spec.name):
         valid = MODELS[spec.name].options
         unknown = sorted(set(spec.options) - set(valid))
@@ -693,12 +723,21 @@ def trust_factory(name: str) -> None:
         _TRUSTED_FACTORIES.add(name)
 
 
+class UntrustedFactory(UsageError):
+    """A file names a user model factory (``factory``) that the command line did not name."""
+
+    def __init__(self, message: str, factory: str) -> None:
+        super().__init__(message)
+        self.factory = factory
+
+
 def check_trusted(spec: ModelSpec, where: str) -> None:
     """Refuse a spec read from a file (``where``) that names a user factory the user did
     not name: importing it would run code on the file's word."""
     if is_user_model(spec.name) and spec.name not in _TRUSTED_FACTORIES:
-        raise UsageError(f"{where} names the model factory {spec.name[:80]!r}, and gitool never imports code "
-                         f"because a file says so; if you trust that module, pass --model {spec.name[:80]}")
+        raise UntrustedFactory(f"{where} names the model factory {spec.name[:80]!r}, and gitool never imports code "
+                               f"because a file says so; if you trust that module, pass --model {spec.name[:80]}",
+                               spec.name[:80])
 
 
 def build_user_model(spec: ModelSpec) -> nn.Module:
@@ -744,21 +783,104 @@ def build_user_model(spec: ModelSpec) -> nn.Module:
         raise GitoolError(f"model factory {spec.name} failed: {type(error).__name__}: {error}") from error
     if not isinstance(model, nn.Module):
         raise GitoolError(f"model factory {spec.name} returned {type(model).__name__}, not a torch.nn.Module")
-    model.register_forward_hook(_one_tensor_out(spec.name))
+    # Every caller of model(x) gets the logits, whatever forward() returns: the hook's
+    # return value replaces the module's output. The state dict keeps the user's names.
+    model.register_forward_hook(_logits_of(spec))
+    from gitool.model_graph import classifier_name
+
+    model._gitool_classifier = classifier_name(model, spec.output)  # None: last_linear's module order decides
     return model
 
 
-def _one_tensor_out(name: str):
-    """A forward hook that refuses, in one line, a forward() returning anything but the
-    logits tensor (a tuple (logits, features) or a dict, as many published models do)."""
+def check_logits(spec: ModelSpec, model: nn.Module | None = None) -> None:
+    """Run the model once on two zero inputs of the spec's shape and check that it gives
+    logits of shape 2 x K (through the output selector): a model that returns something
+    else, or does not fit the input shape, is refused here in one line, before any file
+    is written or read."""
+    model = build_model(spec) if model is None else model
+    probe = torch.zeros(2, *spec.input_shape, dtype=next(model.parameters(), torch.zeros(())).dtype)
+    was_training = model.training
+    model.eval()  # batch norm in train mode needs no batch statistics for a shape check
+    try:
+        with torch.no_grad():
+            logits = model(probe)
+    except GitoolError:
+        raise
+    except Exception as exc:  # the user's forward may raise anything
+        shape = "x".join(map(str, spec.input_shape))
+        raise GitoolError(f"model {spec.name}: forward fails on inputs of shape 2x{shape} ({type(exc).__name__}: "
+                          f"{' '.join(str(exc).split())[:160]}); does --image-size fit the model?") from None
+    finally:
+        model.train(was_training)
+    if tuple(logits.shape) != (2, spec.num_classes):
+        raise GitoolError(f"model {spec.name}: forward gives {describe_output(logits)} for 2 inputs, not logits of "
+                          f"2 x K = 2 x {spec.num_classes}; check --num-classes"
+                          + (" and --model-output" if spec.output is not None else ""))
 
-    def check(module: nn.Module, inputs: Any, output: Any) -> None:
-        if not isinstance(output, torch.Tensor):
-            kind = type(output).__name__
-            raise GitoolError(f"model {name}: forward() returns a {kind}, not one tensor of logits; wrap the model "
-                              "so that forward returns the logits only")
 
-    return check
+def _logits_of(spec: ModelSpec):
+    """A forward hook that hands back the logits among the values forward() returned."""
+
+    def select(module: nn.Module, inputs: Any, output: Any) -> torch.Tensor:
+        return select_output(output, spec.output, spec.name)
+
+    return select
+
+
+def select_output(output: Any, selector: int | str | None, name: str, leaf: type = torch.Tensor) -> Any:
+    """The logits among what a forward() returned: ``output`` itself when it is one
+    ``leaf`` (a tensor; an fx node when reading a graph), else its element ``selector``
+    (an index into a tuple or list, a key of a dict or a named tuple's field). Anything
+    else is one line saying what forward returned and how to name the logits."""
+    what = f"model {name}: forward returns {describe_output(output, leaf)}"
+    if selector is None:
+        if isinstance(output, leaf):
+            return output
+        if isinstance(output, (tuple, list, dict)):
+            example = "INDEX" if isinstance(output, (tuple, list)) else "KEY"
+            raise GitoolError(f"{what}; pass --model-output {example} to gitool import (or capture, train) to name "
+                              "the logits")
+        raise GitoolError(f"{what}, not the logits tensor")
+    if isinstance(output, leaf):
+        raise GitoolError(f"{what}, but --model-output {selector} is recorded: drop --model-output")
+    if isinstance(output, (tuple, list)):
+        if isinstance(selector, str) and selector in getattr(output, "_fields", ()):
+            value = getattr(output, selector)
+        elif type(selector) is int and selector < len(output):
+            value = output[selector]
+        else:
+            raise GitoolError(f"{what}: --model-output {selector} is not one of its indices 0 to {len(output) - 1}")
+    elif isinstance(output, dict):
+        keys = [key for key in (selector, str(selector)) if key in output]
+        if not keys:
+            listed = ", ".join(str(key) for key in list(output)[:8])
+            raise GitoolError(f"{what}: --model-output {selector} is not one of its keys ({listed})")
+        value = output[keys[0]]
+    else:
+        raise GitoolError(f"{what}, not the logits tensor")
+    if not isinstance(value, leaf):
+        raise GitoolError(f"{what}: its element {selector} is {describe_output(value, leaf)}, not the logits tensor")
+    return value
+
+
+def describe_output(output: Any, leaf: type = torch.Tensor) -> str:
+    """What forward() returned, in a few words: "a tuple of 2 (tensor 2x10, tensor 2x84)"."""
+
+    def one(value: Any) -> str:
+        if isinstance(value, torch.Tensor):
+            return "tensor " + "x".join(map(str, value.shape))
+        return "tensor" if isinstance(value, leaf) else type(value).__name__
+
+    if isinstance(output, leaf):
+        return f"one {one(output)}" if isinstance(output, torch.Tensor) else "one tensor"
+    if isinstance(output, (tuple, list)):
+        kind = "a list" if isinstance(output, list) else "a tuple"
+        items = ", ".join(one(value) for value in list(output)[:6]) + (", ..." if len(output) > 6 else "")
+        return f"{kind} of {len(output)} ({items})"
+    if isinstance(output, dict):
+        items = ", ".join(f"{key}: {one(value)}" for key, value in list(output.items())[:6])
+        return f"a dict ({items}{', ...' if len(output) > 6 else ''})"
+    return f"a {type(output).__name__}"
 
 
 def _import_factory(name: str) -> Callable[..., Any]:
@@ -877,7 +999,12 @@ def dropout_off(model: nn.Module):
 
 
 def last_linear(model: nn.Module) -> nn.Linear:
-    """The classifier: the last ``nn.Linear`` in module order."""
+    """The classifier: the ``nn.Linear`` whose output forward() returns as the logits
+    where the model's graph tells (user models, read with torch.fx when built), else the
+    last ``nn.Linear`` in module order (every zoo model registers its classifier last)."""
+    named = getattr(model, "_gitool_classifier", None)
+    if named:
+        return model.get_submodule(named)
     linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
     if not linears:
         raise GitoolError(f"model {type(model).__name__} has no nn.Linear layer to act as classifier")

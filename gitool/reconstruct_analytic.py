@@ -1,10 +1,12 @@
 """Adapters for the analytic reconstructions ``--method fc`` and ``--method conv``.
 
 They turn an update plus the recovered labels and features into the tensors the pure
-math in `gitool.attacks.analytic_fc` / `gitool.attacks.analytic_conv` needs: the model is
-walked as a plain stack of Linear / Conv2d / activation / Flatten modules (anything else
-is refused by name), every weight layer gets its gradient from the update, and the result
-is denormalised to images in [0, 1]. docs/analytic.md states when each layer is solvable.
+math in `gitool.attacks.analytic_fc` / `gitool.attacks.analytic_conv` needs: the model's
+computation is read with torch.fx (gitool.model_graph: a chain of Linear / Conv2d layers
+with activations, reshapes and eval-mode dropout, the logits picked by the update's
+output selector; anything else is refused by naming its graph node), every weight layer
+gets its gradient from the update, and the result is denormalised to images in [0, 1].
+docs/analytic.md states when each layer is solvable.
 """
 
 from __future__ import annotations
@@ -24,11 +26,9 @@ from gitool.attacks.label_counts import mean_gradient
 from gitool.attacks.soft_label import bias_feature
 from gitool.errors import GitoolError, UsageError
 from gitool.facts import require_facts
+from gitool.model_graph import ChainLayer, GraphRefusal, read_chain
 from gitool.specs import Interval, OneOf, check_fields, fact
 from gitool.reconstruct import ReconOutcome
-
-ACTIVATION_MODULES = {nn.ReLU: "relu", nn.LeakyReLU: "leakyrelu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
-PASSTHROUGH = (nn.Flatten, nn.Identity)
 
 
 # ----------------------------------------------------------------------------- the update
@@ -57,88 +57,55 @@ def single_step_gradients(update) -> dict[str, torch.Tensor]:
             for name, delta in values.items()}
 
 
-def plain_stack(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[list[tuple[str, nn.Module]], dict]:
-    """The model's leaf modules in order, checked to BE the model (a plain sequential stack),
-    with each leaf's per-sample (input shape, output shape)."""
-    leaves = [(name, module) for name, module in model.named_modules() if not list(module.children())]
-    for name, module in leaves:
-        supported = isinstance(module, (nn.Linear, nn.Conv2d, *PASSTHROUGH, *ACTIVATION_MODULES))
-        if not supported:
-            raise GitoolError(f"layer '{name}' ({type(module).__name__}) is not supported by the analytic "
-                              "inversion (plain Linear/Conv2d/ReLU/LeakyReLU/Sigmoid/Tanh stacks only); "
-                              "use --method optimize")
-        if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.dilation != (1, 1)
-                                              or module.padding_mode != "zeros" or isinstance(module.padding, str)):
-            raise GitoolError(f"conv layer '{name}' uses groups, dilation or non-zero padding: not supported")
-    probe = torch.randn(2, *input_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    probe = probe.to(next(model.parameters()).device)
-    shapes = {}
-    with torch.no_grad():
-        expected = model(probe)
-        value = probe
-        for name, module in leaves:
-            # Zoo models flatten in forward() before the classifier; the comparison with
-            # model(probe) below checks that this reading of the stack is right.
-            value = value.flatten(1) if isinstance(module, nn.Linear) else value
-            before = tuple(value.shape[1:])
-            value = module(value)
-            shapes[name] = (before, tuple(value.shape[1:]))
-    if value.shape != expected.shape or not torch.allclose(value, expected, rtol=1e-9, atol=1e-9):
-        raise GitoolError(f"{type(model).__name__} is not a plain stack of its layers (skip connections or a "
-                          "custom forward); the analytic inversion cannot walk it")
-    return leaves, shapes
+def build_stages(model: nn.Module, update, gradients: dict[str, torch.Tensor]) -> tuple[list[Stage], ChainLayer]:
+    """The solvers' stages (weight layers with activation, gradient and shapes, from the
+    input up) and the classifier, from the model's computation as torch.fx reads it."""
+    try:
+        chain = read_chain(model, tuple(update.input.shape), update.model.output)
+    except GraphRefusal as exc:
+        raise GraphRefusal(f"{exc}; --method optimize takes any model") from None
+    random = [step for step in chain.dropout if step.p > 0]
+    if random:
+        require_facts(update, ["model_mode"], for_method="analytic reconstruction of a model with dropout")
+        active = next((step for step in random if step.training), None)
+        if active is not None:
+            raise GitoolError(f"node '{active.node}' ({active.operation}, p={active.p:g}) drops values at random in "
+                              "train mode (the update's model_mode): the client's masks are unknown, so the "
+                              "analytic methods cannot invert it; --method optimize takes any model")
+    return [_stage(layer, gradients) for layer in chain.hidden], chain.classifier
 
 
-def build_stages(model: nn.Module, update, gradients: dict[str, torch.Tensor]) -> tuple[list[Stage], nn.Linear]:
-    """Weight layers with their activation, gradient and shapes; the classifier separately."""
-    leaves, shapes = plain_stack(model, tuple(update.input.shape))
-    stages: list[Stage] = []
-    pending: Stage | None = None
-    for name, module in leaves:
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            if pending is not None:
-                stages.append(pending)
-            pending = _stage(name, module, gradients, shapes[name])
-        elif type(module) in ACTIVATION_MODULES:
-            if pending is None or pending.layer.activation is not None:
-                raise GitoolError(f"activation '{name}' does not follow a Linear or Conv2d layer; cannot invert")
-            pending.layer.activation = ACTIVATION_MODULES[type(module)]
-            pending.layer.leaky_slope = float(getattr(module, "negative_slope", 0.2))
-    if pending is None or pending.kind != "linear" or pending.layer.activation is not None:
-        raise GitoolError("the model must end in a linear classifier without an activation")
-    classifier = dict(leaves)[pending.name]
-    return stages, classifier
-
-
-def _stage(name: str, module: nn.Module, gradients: dict[str, torch.Tensor], shapes) -> Stage:
-    weight_name = f"{name}.weight"
+def _stage(layer: ChainLayer, gradients: dict[str, torch.Tensor]) -> Stage:
+    module = layer.module
+    weight_name = f"{layer.name}.weight"
     if weight_name not in gradients:
         raise GitoolError(f"the update holds no gradient for '{weight_name}' (frozen layer?)")
     weight = module.weight.detach()
     weight_grad = gradients[weight_name].to(weight.device)
-    bias = module.bias.detach() if module.bias is not None else None
     if isinstance(module, nn.Linear):
-        layer = LinearLayerData(weight=weight, weight_grad=weight_grad, activation=None)
-        return Stage(name, "linear", layer, shapes[0], shapes[1])
-    layer = ConvLayerData(weight=weight, bias=bias, weight_grad=weight_grad, stride=tuple(module.stride),
-                          padding=tuple(module.padding), activation=None, leaky_slope=0.2,
-                          input_shape=tuple(shapes[0]))
-    return Stage(name, "conv", layer, shapes[0], shapes[1])
+        data = LinearLayerData(weight=weight, weight_grad=weight_grad, activation=layer.activation,
+                               leaky_slope=layer.leaky_slope)
+        return Stage(layer.name, "linear", data, layer.input_shape, layer.output_shape)
+    bias = module.bias.detach() if module.bias is not None else None
+    data = ConvLayerData(weight=weight, bias=bias, weight_grad=weight_grad, stride=tuple(module.stride),
+                         padding=layer.padding, activation=layer.activation, leaky_slope=layer.leaky_slope,
+                         input_shape=tuple(layer.input_shape))
+    return Stage(layer.name, "conv", data, layer.input_shape, layer.output_shape)
 
 
 # ----------------------------------------------------------------------------- labels and features
 
 
-def recovered_inputs(update, labels, features, classifier: nn.Linear, gradients) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def recovered_inputs(update, labels, features, classifier: ChainLayer, gradients
+                     ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Labels (B x K) and features (B x d) paired sample by sample, and how they were obtained."""
     if labels is None:
         raise UsageError("analytic reconstruction needs --labels (from `gitool labels`)")
     labels.check_source(update)
     label_rows = labels.require("labels").to(torch.float64)
-    device = classifier.weight.device
-    weight = classifier.weight.detach()
-    bias = classifier.bias.detach() if classifier.bias is not None else None
-    weight_grad = gradients[_param_name(classifier, "weight")].to(device)
+    weight, bias = _weight_and_bias(classifier)
+    device = weight.device
+    weight_grad = gradients[f"{classifier.name}.weight"].to(device)
     batch = update.training.batch_size
     if label_rows.ndim != 2 or label_rows.shape[0] != batch or label_rows.shape[1] != weight.shape[0]:
         raise GitoolError(f"labels are {tuple(label_rows.shape)}, expected {batch} x {weight.shape[0]} "
@@ -150,7 +117,7 @@ def recovered_inputs(update, labels, features, classifier: nn.Linear, gradients)
         info["features"] = "file"
     elif bias is not None and batch == 1:
         # One sample: every row of dW is (p_i - y_i) x and db_i = p_i - y_i (methods.md section 0).
-        bias_grad = gradients[_param_name(classifier, "bias")].to(device)
+        bias_grad = gradients[f"{classifier.name}.bias"].to(device)
         feature_rows = bias_feature(weight_grad, bias_grad).unsqueeze(0)
         info["features"] = "bias ratio"
     else:
@@ -164,9 +131,9 @@ def recovered_inputs(update, labels, features, classifier: nn.Linear, gradients)
     return label_rows, feature_rows, info
 
 
-def _param_name(module: nn.Module, kind: str) -> str:
-    """The update's name of a module's parameter (recorded by :func:`_name_parameters`)."""
-    return module._gitool_names[kind]
+def _weight_and_bias(layer: ChainLayer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    module = layer.module
+    return module.weight.detach(), (module.bias.detach() if module.bias is not None else None)
 
 
 # ----------------------------------------------------------------------------- the methods
@@ -182,18 +149,10 @@ def solve_options(options: AnalyticOptions) -> SolveOptions:
 def _prepare(update, labels, features, options: AnalyticOptions):
     device = options.device
     model = update.build_model(dtype=torch.float64, device=device)
-    _name_parameters(model)
     gradients = single_step_gradients(update)
     stages, classifier = build_stages(model, update, gradients)
     label_rows, feature_rows, info = recovered_inputs(update, labels, features, classifier, gradients)
     return model, stages, classifier, label_rows, feature_rows, info
-
-
-def _name_parameters(model: nn.Module) -> None:
-    """Remember each module's parameter names, to find their gradients in the update."""
-    for name, module in model.named_modules():
-        module._gitool_names = {kind: f"{name}.{kind}" if name else kind
-                                for kind in ("weight", "bias") if getattr(module, kind, None) is not None}
 
 
 def _run(method: str, update, labels, features, options, progress, allow_conv: bool) -> ReconOutcome:
@@ -204,11 +163,11 @@ def _run(method: str, update, labels, features, options, progress, allow_conv: b
         if convs:
             raise GitoolError(f"--method fc handles fully-connected networks only; '{convs[0]}' is a "
                               "convolution: use --method conv")
-    deltas = classifier_deltas(classifier.weight.detach(), None if classifier.bias is None else
-                               classifier.bias.detach(), feature_rows, label_rows)
+    weight, bias = _weight_and_bias(classifier)
+    deltas = classifier_deltas(weight, bias, feature_rows, label_rows)
     solve = solve_options(options)
     solve.precision = update_precision(update)
-    inputs, layers = invert_network(stages, classifier.weight.detach(), deltas, feature_rows, solve, progress)
+    inputs, layers = invert_network(stages, weight, deltas, feature_rows, solve, progress)
     images = update.input.denormalize(inputs.reshape(inputs.shape[0], *update.input.shape))
     seconds = time.perf_counter() - started
     diagnostics = {"layers": [_plain(layer) for layer in layers], "seconds": seconds, **info}
@@ -296,7 +255,6 @@ def explain(update, method: str) -> list[dict]:
     """Per layer, before any solve: unknowns, gradient and weight equations (an upper bound
     for ReLU, whose inactive outputs give none) and whether the counts allow a solution."""
     model = update.build_model(dtype=torch.float64, device="cpu")
-    _name_parameters(model)
     stages, _ = build_stages(model, update, single_step_gradients(update))
     batch = update.training.batch_size
     rows = []

@@ -77,15 +77,33 @@ def trust_models(names: list[str] | None) -> None:
 
 
 def resolve_model(model: str | None, num_classes: int | None, image_size: str | None, activation: str | None,
-                  bias: bool | None, model_opt: list[str] | None, init: str | None, base=None):
+                  bias: bool | None, model_opt: list[str] | None, init: str | None, base=None,
+                  output: str | None = None):
     """The model spec from the options, the initial weights if ``init`` is a checkpoint,
     and the checkpoint's metadata (its training normalisation, say; {} otherwise).
 
     A gitool checkpoint carries its own spec (else ``base``, a ModelSpec, is the starting
     point); options given explicitly override it. What nobody gave (``init`` and
-    ``bias`` None, model options) follows the model's paper (models.PAPER_DEFAULTS)."""
+    ``bias`` None, model options) follows the model's paper (models.PAPER_DEFAULTS).
+    ``output`` is the ``--model-output`` text. A user model is run once on a probe, so
+    that a forward returning no logits of K classes stops here (models.check_logits)."""
+    from gitool.specs import SpecError, as_option_error
+
+    try:
+        spec, state, meta, init = _resolve_model(model, num_classes, image_size, activation, bias, model_opt, init,
+                                                 base, output)
+    except SpecError as exc:
+        raise as_option_error(exc, UsageError) from None
+    from gitool.models import check_logits, is_user_model
+
+    if is_user_model(spec.name):
+        check_logits(spec)
+    return spec, state, meta, init
+
+
+def _resolve_model(model, num_classes, image_size, activation, bias, model_opt, init, base, output):
     from gitool.files import load_checkpoint
-    from gitool.models import ModelSpec, parse_image_shape, parse_model_options
+    from gitool.models import ModelSpec, parse_image_shape, parse_model_options, parse_output_selector
 
     from gitool.models import PAPER_DEFAULTS
 
@@ -109,6 +127,7 @@ def resolve_model(model: str | None, num_classes: int | None, image_size: str | 
             activation=activation or base.activation,
             last_bias=base.last_bias if bias is None else bias,
             options={**base.options, **options},
+            output=base.output if output is None else parse_output_selector(output),
             from_file=base.from_file and model is None,
         )
     else:
@@ -118,5 +137,6 @@ def resolve_model(model: str | None, num_classes: int | None, image_size: str | 
         spec = ModelSpec(name=name, num_classes=10 if num_classes is None else num_classes,
                          input_shape=shape, activation=activation,
                          last_bias=bias if bias is not None else (paper.last_bias if paper else True),
-                         options={**(paper.options if paper else {}), **options})
+                         options={**(paper.options if paper else {}), **options},
+                         output=parse_output_selector(output))
     return spec, (checkpoint.state if checkpoint is not None else None), (checkpoint.meta if checkpoint else {}), init

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import typing
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
@@ -134,6 +135,30 @@ class Values:
 
     def describe(self) -> str:
         return f"numbers {self.each.describe()}"
+
+
+MAX_OUTPUT_INDEX = 255
+_OUTPUT_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class OutputSelector:
+    """Which of the values a model's ``forward`` returns holds the logits: None (forward
+    returns the logits tensor itself), an index into a returned tuple or list, or a key
+    of a returned dict (letters, digits, ``_ . -``, at most 64 characters)."""
+
+    most: int = MAX_OUTPUT_INDEX
+
+    def problem(self, value: Any) -> str | None:
+        if value is None or (type(value) is int and 0 <= value <= self.most):
+            return None
+        if isinstance(value, str) and _OUTPUT_KEY.match(value):
+            return None
+        return f"must be {self.describe()}, got {_short(value)}"
+
+    def describe(self) -> str:
+        return (f"an index 0 to {self.most} or a key (a name of at most 64 letters, digits, _ . -, not starting "
+                "with a digit)")
 
 
 def _num(x: float) -> str:
@@ -332,6 +357,7 @@ OPTION_OF = {
     "training.batch_size": "--batch-size", "training.steps": "--steps", "training.lr": "--lr",
     "training.optimizer": "--optimizer", "training.momentum": "--momentum", "training.prox_mu": "--prox-mu",
     "training.weight_decay": "--weight-decay", "training.model_mode": "--mode", "training.dtype": "--dtype",
+    "model.output": "--model-output",
     "defence.dp_clip": "--dp-clip", "defence.dp_noise": "--dp-noise", "defence.prune": "--prune",
 }
 

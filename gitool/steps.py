@@ -554,7 +554,7 @@ def capture(*, output: Path | None, truth: Path | None, repeat: int, out_dir: Pa
             label_smoothing: str | None, mixup: float | None, mixup_coef: float | None, dp_clip: float | None,
             dp_noise: float | None, prune: float | None, indices: str | None, classes: str | None,
             dirichlet: float | None, mode: str, dtype: str, send: str | None, seed: int, device: str,
-            progress: Progress | None = None) -> dict[str, Any]:
+            model_output: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
     """``gitool capture``: simulate ``repeat`` client rounds and write each update with its truth."""
     check_device(device)
     check_seed(seed, repeat)
@@ -570,7 +570,7 @@ def capture(*, output: Path | None, truth: Path | None, repeat: int, out_dir: Pa
     from gitool.specs import DefenceSpec, InputSpec, LossSpec, TrainingSpec, option_errors
 
     spec, init_state, checkpoint_meta, init = resolve_model(model, num_classes, image_size, activation, bias,
-                                                            model_opt, init)
+                                                            model_opt, init, output=model_output)
     build_model(spec)  # validate the model before touching data
     mean, std = input_normalization(normalize, spec.input_shape[0], checkpoint_meta)
     with option_errors():
@@ -620,6 +620,7 @@ def input_normalization(normalize: str | None, channels: int, checkpoint_meta: d
 def train(*, output: Path, model: str | None, num_classes: int | None, image_size: str | None,
           activation: str | None, bias: bool | None, init: str | None, model_opt: list[str] | None, data: str,
           normalize: str, epochs: int, lr: float, batch_size: int, seed: int, device: str,
+          model_output: str | None = None,
           on_epoch: Callable[[str, int, int, float], None] = lambda name, epoch, total, loss: None) -> dict:
     """``gitool train``: train a zoo model on a data source and write a checkpoint."""
     import torch
@@ -636,7 +637,8 @@ def train(*, output: Path, model: str | None, num_classes: int | None, image_siz
     check_output(output)
     refuse_overlap([("--init", init_path(init))], [("--output", output)])
     check_settings(epochs=epochs, lr=lr, batch_size=batch_size)
-    spec, init_state, _, _ = resolve_model(model, num_classes, image_size, activation, bias, model_opt, init)
+    spec, init_state, _, _ = resolve_model(model, num_classes, image_size, activation, bias, model_opt, init,
+                                           output=model_output)
     mean, std = parse_normalization(normalize, spec.input_shape[0])
     torch.manual_seed(seed)
     net = build_model(spec)
@@ -694,7 +696,8 @@ def import_facts(*, spec_channels: int, batch_size: int | None, steps: int | Non
 
 def import_files(*, output: Path, before: Path, after: Path | None, delta: Path | None, grad: Path | None,
                  facts: Path | None, model: str | None, num_classes: int | None, image_size: str | None,
-                 activation: str | None, bias: bool | None, model_opt: list[str] | None, **fact_options: Any) -> Any:
+                 activation: str | None, bias: bool | None, model_opt: list[str] | None,
+                 model_output: str | None = None, **fact_options: Any) -> Any:
     """``gitool import``: weights saved by another stack (and the facts the user states)
     into an update file; a fact nobody gave is recorded as unknown."""
     from gitool.files import save_update
@@ -714,13 +717,43 @@ def import_files(*, output: Path, before: Path, after: Path | None, delta: Path 
         raise UsageError("give --model (the architecture the weights belong to), or a facts file with a model")
     file_shape = file_facts.get("input", {}).get("shape")
     shape_text = image_size or ("x".join(map(str, file_shape)) if file_shape else None)
-    spec, _, _, _ = resolve_model(model, num_classes, shape_text, activation, bias, model_opt, "default", base=base)
+    spec, _, _, _ = resolve_model(model, num_classes, shape_text, activation, bias, model_opt, "default", base=base,
+                                  output=model_output)
     shape_known = shape_text is not None or (base_has_shape and model in (None, base.name))
     given = import_facts(spec_channels=spec.input_shape[0], **fact_options)
     update = import_update(spec, before, after=after, delta=delta, gradient=grad,
                            facts=merge_facts(file_facts, given), input_shape_known=shape_known, facts_path=facts)
     save_update(update, output)
     return update
+
+
+def truth(*, update_file: Path, private: Path, output: Path, model: list[str] | None, device: str) -> dict[str, Any]:
+    """``gitool truth``: the truth file of an update from the client's own private batch,
+    with how closely replaying the client's local training on it gives back the update."""
+    from gitool.files import load_update, save_truth
+    from gitool.private_batch import describe_replay, replay_tolerance, truth_from_private_batch
+    from gitool.resolve import trust_models
+
+    check_device(device)
+    trust_models(model)
+    check_output(output)
+    refuse_overlap([("the update", update_file), ("--private", private)], [("--output", output)])
+    update = load_update(update_file)
+    made, error = truth_from_private_batch(update, private, device=device)
+    save_truth(made, output)
+    return {"output": str(output), "samples": int(made.labels.shape[0]), "replay_error": error,
+            "replays": error <= replay_tolerance(update), "summary": describe_replay(update, error),
+            "model": update.model.name}
+
+
+def inspect(*, file: Path, model: list[str] | None) -> dict[str, Any]:
+    """``gitool inspect``: the file's header, tensor statistics and what the commands would say;
+    ``model`` names the user factories the file may name (to check it against its model)."""
+    from gitool.inspect import inspect_file
+    from gitool.resolve import trust_models
+
+    trust_models(model)
+    return inspect_file(file)
 
 
 def export(*, update_file: Path, output: Path, fmt: str | None, model: list[str] | None) -> dict[str, Path]:

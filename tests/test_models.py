@@ -299,11 +299,32 @@ def test_spec_round_trip_through_json():
     assert again == spec and isinstance(again.input_shape, tuple)
 
 
+def test_output_selector_round_trips_and_is_written_only_when_set():
+    import json
+
+    from gitool.models import parse_output_selector
+    from gitool.specs import SpecError
+
+    assert "output" not in ModelSpec("lenet").to_dict()  # files of models returning logits stay as they were
+    for text, value in (("0", 0), ("12", 12), ("logits", "logits"), (" out.logits ", "out.logits"), (None, None)):
+        assert parse_output_selector(text) == value
+        spec = ModelSpec("mynet:make", output=value)
+        assert ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    assert ModelSpec("mynet:make", output=0) != ModelSpec("mynet:make", output=1)
+    with pytest.raises(SpecError, match="model.output must be an index 0 to 255 or a key"):
+        ModelSpec("mynet:make", output="two words")
+    with pytest.raises(UsageError, match="'lenet' returns its logits: --model-output is for user models"):
+        build_model(ModelSpec("lenet", output=0))
+
+
 @pytest.mark.parametrize(
     "data",
     [
         [],
         {"num_classes": 10},
+        {"name": "mynet:make", "output": -1},
+        {"name": "mynet:make", "output": True},
+        {"name": "mynet:make", "output": "9lives"},
         {"name": "lenet", "num_classes": "10"},
         {"name": "lenet", "num_classes": True},
         {"name": "lenet", "input_shape": [3, 32]},

@@ -105,6 +105,14 @@ def made(tmp_path_factory) -> Path:
     gitool("import", "--model", "lenet", "--image-size", "3x16x16", "--before", d / "out.pt", "--grad",
            d / "out.pt", "--batch-size", "1", "-o", d / "j.update.safetensors")
     gitool("export", d / "j.update.safetensors", "-o", d / "j.npz")
+    # a truth from the client's own batch (here the capture's), as gitool truth makes it
+    import torch
+
+    from gitool.files import load_truth
+
+    captured = load_truth(d / "c.truth.safetensors")
+    torch.save({"images": captured.images, "labels": captured.labels}, d / "private.pt")
+    gitool("truth", d / "c.update.safetensors", "--private", d / "private.pt", "-o", d / "t.truth.safetensors")
     return d
 
 
@@ -115,6 +123,7 @@ FILES = [
     ("j.update.safetensors", "update"),
     ("c.truth.safetensors", "truth"),
     ("b.truth.safetensors", "truth"),
+    ("t.truth.safetensors", "truth"),
     ("c.labels.safetensors", "labels"),
     ("b.labels.safetensors", "labels"),
     ("c.features.safetensors", "features"),
@@ -252,6 +261,10 @@ REFUSED = [
     ("c.update.safetensors", "update", "update_kind", "weights"),
     ("c.update.safetensors", "update", "model.activation", "gelu"),
     ("c.update.safetensors", "update", "model.colour", "red"),
+    ("c.update.safetensors", "update", "model.output", 0),  # a zoo model returns its logits
+    ("c.truth.safetensors", "truth", "replay_error", "small"),
+    ("c.truth.safetensors", "truth", "private", "private.pt"),
+    ("t.truth.safetensors", "truth", "private.sha256", MISSING),
     ("c.update.safetensors", "update", "provenance.unknown_facts", "lr"),
     ("c.truth.safetensors", "truth", "update.sha256", MISSING),
     ("c.labels.safetensors", "labels", "source", "c.update.safetensors"),
@@ -267,6 +280,9 @@ ACCEPTED = [
     ("c.update.safetensors", "update", "loss", {}),
     ("c.update.safetensors", "update", "provenance", MISSING),
     ("b.update.safetensors", "update", "training.momentum", 0.5),
+    ("c.update.safetensors", "update", "model.output", None),  # None: forward returns the logits
+    ("c.truth.safetensors", "truth", "replay_error", 3e-7),
+    ("c.truth.safetensors", "truth", "private", {"path": "private.pt", "sha256": "0" * 64}),
     ("c.labels.safetensors", "labels", "wall_time", 0.25),  # written by older gitools, ignored
     ("c.labels.safetensors", "labels", "source", {}),
 ]
@@ -376,6 +392,7 @@ def test_shapes_models_and_bounds_are_the_ones_gitool_checks():
     assert all(s["minimum"] == 1 and s["type"] == "integer" for s in shape)
     model = COMMON["model"]["properties"]
     assert model["name"]["anyOf"][0]["enum"] == list(MODELS)
+    assert COMMON["model"]["if"]["properties"]["name"]["enum"] == list(MODELS)  # zoo models have no output selector
     assert model["activation"]["anyOf"][1]["enum"] == list(ACTIVATIONS)
     assert (model["num_classes"]["minimum"], model["num_classes"]["maximum"]) == (2, specs.MAX_CLASSES)
     training = COMMON["training"]["properties"]
@@ -444,3 +461,24 @@ def test_schema_and_gitool_agree_on_every_value_of_each_fact(made, tmp_path, sec
         if bool(problems) != bool(refused):
             disagree.append((value, problems[:1], refused))
     assert disagree == []
+
+
+OUTPUT_PROBES = [0, 1, 255, 256, -1, "logits", "out.logits", "head-1", "_x", "0abc", "a b", "", "x" * 64, "x" * 65,
+                 True, 1.5, None, [0], {"key": "logits"}]
+
+
+@pytest.mark.parametrize("value", OUTPUT_PROBES, ids=repr)
+def test_schema_and_gitool_agree_on_the_output_selector(value):
+    """model.output of a user model: the schema and ModelSpec.from_dict (the one reader of
+    model specs, which imports nothing) accept the same values."""
+    from gitool.errors import GitoolError
+    from gitool.models import ModelSpec
+
+    document = {"name": "mynet:make", "output": value}
+    try:
+        ModelSpec.from_dict(document)
+        accepted = True
+    except GitoolError:
+        accepted = False
+    assert (errors("common.schema.json#/$defs/model", document) == []) == accepted
+    assert accepted == (specs.OutputSelector().problem(value) is None)

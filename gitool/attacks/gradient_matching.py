@@ -220,7 +220,8 @@ class GradientMatcher:
             # One step: the module itself, no parameter swapping (the cheapest graph).
             logits, feats = _features_and_logits(self.model, None, None, inputs, self.uses_features)
             # Only the matched tensors' gradients are needed (terms f skips the last weight).
-            grads = torch.autograd.grad(soft_cross_entropy(logits, labels), self.matched_params, create_graph=True)
+            grads = torch.autograd.grad(soft_cross_entropy(logits, labels), self.matched_params, create_graph=True,
+                                        materialize_grads=True)  # zero for an unused head
             return dict(zip(self.matched, grads)), feats
         # FedAvg: m local steps, exactly as the client's optimiser (gitool.capture.local_training).
         theta = dict(self._leaf_params())
@@ -232,7 +233,7 @@ class GradientMatcher:
             logits, _ = _features_and_logits(self.model, self._param_dict(theta), self.buffers, inputs[batch], False)
             names = list(theta)
             grads = torch.autograd.grad(soft_cross_entropy(logits, labels[batch]), [theta[n] for n in names],
-                                        create_graph=True)
+                                        create_graph=True, materialize_grads=True)
             new_theta = {}
             for n, g in zip(names, grads):
                 direction = g

@@ -100,14 +100,30 @@ def read_npz_arrays(path: Path, budget: int, most_members: int) -> dict[str, np.
         raise fail(f"{type(exc).__name__}: {str(exc)[:120]}") from None
 
 
-def _read_npy(member, size: int, where: str) -> np.ndarray:
+def read_npy_list(blobs: list[bytes], budget: int, most: int, where: str) -> list[np.ndarray]:
+    """Arrays serialised one by one with ``np.save`` (Flower's ``Parameters.tensors``),
+    each header checked before its data is read: at most ``budget`` bytes in all and
+    ``most`` arrays (plus a few), no pickled objects."""
+    import io
+
+    if len(blobs) > most + 16:
+        raise GitoolError(f"{where}: {len(blobs)} arrays, far more than the model's {most} entries; refused unread")
+    total = sum(len(blob) for blob in blobs)
+    if total > budget:
+        raise GitoolError(f"{where}: {total} bytes of arrays, more than the model's weights could need ({budget}); "
+                          "refused unread")
+    return [_read_npy(io.BytesIO(blob), len(blob), f"{where}: array {index}", hint="")
+            for index, blob in enumerate(blobs)]
+
+
+def _read_npy(member, size: int, where: str, hint: str = " (is this really an np.savez archive?)") -> np.ndarray:
     """One ``.npy`` array, its header checked against the member's size before reading."""
     from numpy.lib import format as npy
 
     try:
         version = npy.read_magic(member)
     except ValueError:
-        raise GitoolError(f"{where} is not a .npy array (is this really an np.savez archive?)") from None
+        raise GitoolError(f"{where} is not a .npy array{hint}") from None
     if version == (1, 0):
         shape, fortran, dtype = npy.read_array_header_1_0(member, max_header_size=10000)
     elif version in ((2, 0), (3, 0)):
@@ -119,7 +135,7 @@ def _read_npy(member, size: int, where: str) -> np.ndarray:
                           "object arrays would need unpickling, which could run code")
     count = int(np.prod(shape, dtype=object)) if shape else 1
     if count * dtype.itemsize > size:
-        raise GitoolError(f"{where}: its header claims {count * dtype.itemsize} bytes in a member of {size}")
+        raise GitoolError(f"{where}: its header claims {count * dtype.itemsize} bytes in {size}")
     data = member.read(count * dtype.itemsize)
     if len(data) != count * dtype.itemsize:
         raise GitoolError(f"{where} is cut short")

@@ -86,7 +86,8 @@ TRUTH_LAYOUT = {
 
 
 # Truth metadata fields and their JSON types ("ints": a list of integers).
-TRUTH_META = {"indices": "ints", "seed": int, "data": str, "family": str, "update_kind": str}
+TRUTH_META = {"indices": "ints", "seed": int, "data": str, "family": str, "update_kind": str,
+              "replay_error": (int, float)}
 
 
 def _is(value: Any, kind: Any) -> bool:
@@ -121,10 +122,11 @@ def load_truth(path: str | Path) -> Truth:
             value = raw.meta.get(key)
             if value is not None and not _is(value, kind):
                 raise GitoolError(f"{raw.path}: metadata {key} has the wrong type ({type(value).__name__})")
-        pointer = raw.meta.get("update")
-        if pointer is not None and not (isinstance(pointer, dict)
-                                        and all(isinstance(pointer.get(k), str) for k in ("path", "sha256"))):
-            raise GitoolError(f"{raw.path}: metadata update must be an object with a path and a sha256")
+        for key in ("update", "private"):
+            pointer = raw.meta.get(key)
+            if pointer is not None and not (isinstance(pointer, dict)
+                                            and all(isinstance(pointer.get(k), str) for k in ("path", "sha256"))):
+                raise GitoolError(f"{raw.path}: metadata {key} must be an object with a path and a sha256")
         return None
 
     raw = read_raw(path, ("truth",), expect=expect)

@@ -45,6 +45,7 @@ BASE_NAMES = {
     "BPT": "before.pt",  # plain torch state dicts
     "GPT": "grad.pt",
     "FTOML": "facts.toml",
+    "PPT": "private.pt",  # the client's private batch for gitool truth (the capture's images and labels)
 }
 
 # The commands that read each kind of file; {X} is the hostile file, {O} the output folder,
@@ -96,13 +97,16 @@ READERS: dict[str, list[tuple[str, ...]]] = {
     "facts": [
         ("import", "--before", "{NB}", "--grad", "{NG}", "--facts", "{X}", "-o", "{O}/i.update.safetensors"),
     ],
+    "private": [
+        ("truth", "{U}", "--private", "{X}", "-o", "{O}/o.truth.safetensors"),
+    ],
 }
 # The file each slot's mutations start from, and the valid file that stands in for {X}
 # in the control runs (every reader must succeed on it, or the corpus proves nothing).
 SLOT_BASE = {"update": "U", "labels": "L", "features": "F", "reconstruction": "R", "truth": "T",
-             "checkpoint": "C", "weights": "NG", "facts": "NFJ"}
+             "checkpoint": "C", "weights": "NG", "facts": "NFJ", "private": "PPT"}
 # Memory-bomb runs are expensive (a fresh process each): the commands that matter.
-BOMB_READERS = {"update": [0, 1, 4], "checkpoint": [0, 1], "weights": [0, 1], "facts": [0]}
+BOMB_READERS = {"update": [0, 1, 4], "checkpoint": [0, 1], "weights": [0, 1], "facts": [0], "private": [0]}
 
 
 @dataclass
@@ -347,6 +351,9 @@ set_case("meta-model-unknown-name", "update", SPEC, "model resnet9000", "model.n
 set_case("meta-model-name-int", "update", SPEC, "model.name = 5", "model.name", 5)
 set_case("meta-model-list", "update", SPEC, "model section a list", "model", [])
 meta_case("meta-model-no-name", "update", SPEC, "model without a name", lambda m: _del(m, "model.name"))
+for _id, _value in (("zoo", 0), ("neg", -1), ("huge", 10 ** 30), ("bool", True), ("float", 0.0), ("list", [0]),
+                    ("space", "a b"), ("long", "x" * 65), ("dict", {"key": "logits"})):
+    set_case(f"meta-output-{_id}", "update", SPEC, f"model.output = {_value!r:.40}", "model.output", _value)
 
 # --------------------------------------------------------------------------- update: training, loss, input, defence
 
@@ -926,11 +933,13 @@ file_case("npz-unknown-names", "weights", WEIGHTS, "named arrays the model lacks
           lambda p, b: _write_npz(p, {f"evil{i}": x for i, x in enumerate(_npz_arrays(b))}, named=True), ".npz")
 
 
-def _pt(edit: Callable[[dict], Any]):
+def _pt(edit: Callable[[dict], Any], key: str = "GPT"):
+    """The base torch file ``key`` (the gradient state dict), edited."""
+
     def make(path: Path, base: dict[str, Path]) -> None:
         import torch
 
-        state = torch.load(base["GPT"], weights_only=True)
+        state = torch.load(base[key], weights_only=True)
         result = edit(state)
         torch.save(state if result is None else result, path)
 
@@ -972,6 +981,108 @@ def _dup_plain(base: dict[str, Path]) -> bytes:
     header, data = read_st_bytes(save_tensors(torch.load(base["GPT"], weights_only=True), {}))
     text, _, _ = _dup(header, b"")
     return st_bytes(text, data)
+
+
+# --------------------------------------------------------------------------- private batches for gitool truth
+
+PRIVATE = "truth: private-batch files"
+
+
+def _private(edit: Callable[[dict], Any]):
+    """The base private batch ({"images", "labels"} of the capture), edited."""
+    return _pt(edit, "PPT")
+
+
+def _private_payload(path: Path, base: dict[str, Path]) -> None:
+    import torch
+
+    batch = torch.load(base["PPT"], weights_only=True)
+    batch["labels"] = _Payload()
+    torch.save(batch, path)
+
+
+def _private_npz(edit: Callable[[dict], Any]):
+    def make(path: Path, base: dict[str, Path]) -> None:
+        import numpy as np
+        import torch
+
+        batch = {k: v.numpy() for k, v in torch.load(base["PPT"], weights_only=True).items()}
+        result = edit(batch)
+        np.savez(path, **(batch if result is None else result))
+
+    return make
+
+
+def _private_bomb(path: Path, base: dict[str, Path]) -> None:
+    """'images' decompresses to 1 GiB of float32 zeros (about 1 MB on disk)."""
+    import numpy as np
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
+                                                  "shape": ((1 << 30) // 4,)})
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        with archive.open("images.npy", "w", force_zip64=True) as member:
+            member.write(header.getvalue())
+            chunk = bytes(1 << 22)
+            for _ in range((1 << 30) // len(chunk)):
+                member.write(chunk)
+
+
+def _private_huge_pt(path: Path, base: dict[str, Path]) -> None:
+    """A .pt whose images take 4 MiB, four times what one 3x8x8 sample could need:
+    refused from the zip directory, unread."""
+    import torch
+
+    torch.save({"images": torch.zeros(1 << 20), "labels": torch.zeros(1)}, path)
+
+
+file_case("priv-pickle-reduce", "private", CODE, "a private batch whose unpickling runs touch MARKER",
+          _private_payload, ".pt")
+file_case("priv-raw-pickle", "private", CODE, "a plain pickle named .pt that runs touch MARKER",
+          lambda p, b: p.write_bytes(pickle.dumps({"images": _Payload()})), ".pt")
+file_case("priv-npz-object", "private", CODE, "an object array in .npz whose unpickling runs touch MARKER",
+          _private_npz(lambda a: {**a, "labels": __import__("numpy").array([_Payload()], dtype=object)}), ".npz")
+file_case("priv-npz-bomb", "private", "memory", "an 'images' member that inflates to 1 GiB", _private_bomb, ".npz",
+          mode="child", bomb=True)
+file_case("priv-pt-huge", "private", "memory", "a .pt holding 4 MiB of images for one 3x8x8 sample",
+          _private_huge_pt, ".pt")
+file_case("priv-truncated", "private", PRIVATE, "a .pt cut short",
+          lambda p, b: p.write_bytes(b["PPT"].read_bytes()[:300]), ".pt")
+file_case("priv-list", "private", PRIVATE, "a list of tensors", _private(lambda d: list(d.values())), ".pt")
+file_case("priv-numbers", "private", PRIVATE, "numbers, not tensors", _private(lambda d: {k: 1 for k in d}), ".pt")
+file_case("priv-extra", "private", PRIVATE, "an entry besides images and labels",
+          _private(lambda d: {**d, "secret": d["images"]}), ".pt")
+file_case("priv-no-labels", "private", PRIVATE, "images without labels", _private(lambda d: {"images": d["images"]}),
+          ".pt")
+file_case("priv-images-and-inputs", "private", PRIVATE, "both images and inputs",
+          _private(lambda d: {**d, "inputs": d["images"]}), ".pt")
+file_case("priv-images-range", "private", PRIVATE, "images in [0, 3]",
+          _private(lambda d: {**d, "images": d["images"] * 3 + 0.5}), ".pt")
+file_case("priv-images-nan", "private", VALUES, "a NaN in the images",
+          _private(lambda d: {**d, "images": d["images"] * float("nan")}), ".pt")
+file_case("priv-images-int", "private", DTYPE, "images as integers",
+          _private(lambda d: {**d, "images": (d["images"] * 255).long()}), ".pt")
+file_case("priv-images-shape", "private", PRIVATE, "images of another size",
+          _private(lambda d: {**d, "images": d["images"][..., :4, :4]}), ".pt")
+file_case("priv-two-samples", "private", PRIVATE, "two samples for an update of one",
+          _private(lambda d: {k: __import__("torch").cat([v, v]) for k, v in d.items()}), ".pt")
+file_case("priv-labels-class-99", "private", PRIVATE, "a class index beyond K",
+          _private(lambda d: {**d, "labels": __import__("torch").tensor([99])}), ".pt")
+file_case("priv-labels-negative", "private", PRIVATE, "a negative class index",
+          _private(lambda d: {**d, "labels": __import__("torch").tensor([-1])}), ".pt")
+file_case("priv-labels-sum-2", "private", PRIVATE, "soft labels summing to 2",
+          _private(lambda d: {**d, "labels": d["labels"] * 2}), ".pt")
+file_case("priv-labels-nan", "private", VALUES, "soft labels with a NaN",
+          _private(lambda d: {**d, "labels": d["labels"] * float("nan")}), ".pt")
+file_case("priv-labels-bool", "private", DTYPE, "labels as booleans",
+          _private(lambda d: {**d, "labels": __import__("torch").tensor([True])}), ".pt")
+file_case("priv-npz-strings", "private", DTYPE, "labels as strings in .npz",
+          _private_npz(lambda a: {**a, "labels": __import__("numpy").array(["cat"])}), ".npz")
+file_case("priv-st-extra", "private", PRIVATE, "a safetensors batch with an extra tensor",
+          lambda p, b: p.write_bytes(save_tensors({**__import__("torch").load(b["PPT"], weights_only=True),
+                                                   "secret": __import__("torch").zeros(3)}, {})), ".safetensors")
+file_case("priv-unknown-suffix", "private", PRIVATE, "a batch named .txt (its bytes cut short too)",
+          lambda p, b: p.write_bytes(b["PPT"].read_bytes()[:-1]), ".txt")
 
 
 # --------------------------------------------------------------------------- facts files
@@ -1205,6 +1316,10 @@ overlap_case("out-export-o-hardlink", "export U -o (hard link to U) --format pt"
              ("export", "{U}", "-o", "{U_HARD}", "--format", "pt"))
 overlap_case("out-export-derived-facts", "export x.facts.json -o x.pt (the facts it derives is the input)",
              ("export", "{U_AS_FACTS}", "-o", "{RUN}/x.pt"))
+overlap_case("out-truth-o-update", "truth U --private P -o U", ("truth", "{U}", "--private", "{PPT}", "-o", "{U}"))
+overlap_case("out-truth-o-private", "truth U --private P -o P", ("truth", "{U}", "--private", "{PPT}", "-o", "{PPT}"))
+overlap_case("out-truth-o-symlink", "truth U --private P -o (symlink to U)",
+             ("truth", "{U}", "--private", "{PPT}", "-o", "{U_SYM}"))
 overlap_case("out-import-o-before", "import --before before.pt --grad grad.pt -o before.pt",
              ("import", *MODEL, "--before", "{BPT}", "--grad", "{GPT}", "-o", "{BPT}"))
 overlap_case("out-import-o-grad", "import ... -o grad.pt", ("import", *MODEL, "--before", "{BPT}", "--grad", "{GPT}",
@@ -1312,7 +1427,15 @@ def build_bases(folder: Path) -> dict[str, Path]:
     torch.save(bundle["before"], p["BPT"])
     torch.save(bundle["gradient"], p["GPT"])
     p["FTOML"].write_text(TOML_BASE)
+    truth = load_file_tensors(p["T"])
+    torch.save({"images": truth["images"], "labels": truth["labels"]}, p["PPT"])
     return p
+
+
+def load_file_tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
 
 
 def build_case_file(case: Case, folder: Path, base: dict[str, Path]) -> Path | None:
