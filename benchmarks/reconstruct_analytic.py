@@ -15,6 +15,13 @@ classifier has a bias, the feature comes from the update (bias ratio), not the t
     python benchmarks/reconstruct_analytic.py --threads 2
     python benchmarks/reconstruct_analytic.py --dtypes float32 --label-smoothing 0.2
     python benchmarks/reconstruct_analytic.py --cases 1 --repeat 5   # R-CONV's LeNet, fastest of 5
+    python benchmarks/reconstruct_analytic.py --cases 1 --data samples --repeat 7 --against /tmp/old
+
+``--against DIR`` times every row also with another checkout of gitool (for example main
+before a change, ``git archive main | tar -x -C /tmp/old``), alternating the two ``--rounds``
+times on a shared machine, and prints both sides' median time, CPU time and PSNR with the
+1-minute load average. Issue 15's target for case 1 (R-CONV's LeNet, LeakyReLU, float64):
+at most 0.1 s per image on 2 cores (``--threads 2``, quiet machine).
 
 Each row runs in float64 and float32 (``--dtypes``): float32 is what real clients send. The
 "residual / limit" column is the largest layer residual over the limit that the update's
@@ -26,7 +33,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -105,6 +114,9 @@ def main() -> None:
     parser.add_argument("--label-smoothing", type=float, default=0.0)
     parser.add_argument("--repeat", type=int, default=1, help="time N reconstructions per row, report the fastest")
     parser.add_argument("--cases", default=None, help="comma-separated case numbers (default: all)")
+    parser.add_argument("--against", type=Path, default=None,
+                        help="another gitool checkout to time each row with as well (old vs new)")
+    parser.add_argument("--rounds", type=int, default=3, help="with --against: alternations per row (median)")
     parser.add_argument("--row", type=str, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.row is not None:
@@ -112,32 +124,80 @@ def main() -> None:
         print(json.dumps(run_row(int(case_index), data, args.threads, dtype, args.label_smoothing,
                                  args.repeat)))
         return
+    if args.against is not None:
+        compare(args)
+        return
+    print(f"load average {os.getloadavg()[0]:.1f} at the start, {args.threads} threads")
     print("| model | input | data | dtype | PSNR dB (min) | SSIM | max abs err | residual / limit | flagged "
           "| rows (G/F per layer, input first) | CG iters | time s | CPU s | peak MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for case_index, data, dtype in _chosen_rows(args):
+        case = CASES[case_index]
+        completed = subprocess.run([sys.executable, __file__, "--row", f"{case_index}:{data}:{dtype}",
+                                    "--threads", str(args.threads), "--label-smoothing",
+                                    str(args.label_smoothing), "--repeat", str(args.repeat)],
+                                   capture_output=True, text=True, cwd=ROOT)
+        if completed.returncode != 0:
+            message = (completed.stderr.strip().splitlines() or ["failed"])[-1]
+            print(f"| {case[0]} | {'x'.join(map(str, case[2]))} | {data} | {dtype} | failed: {message} "
+                  "||||||||||")
+            continue
+        row = json.loads(completed.stdout.strip().splitlines()[-1])
+        flags = ", ".join(row["flagged"]) or "-"
+        if row["repaired"]:
+            flags += f" (pattern re-solved: {', '.join(row['repaired'])})"
+        print(f"| {row['case']} | {row['input']} | {row['data']} | {row['dtype']} | {row['psnr']:.1f} | "
+              f"{row['ssim']:.6f} | {row['max_error']:.1e} | {row['residual_ratio']:.1e} | {flags} | "
+              f"{row['rows']} | {row['iterations'] or '-'} | {row['seconds']:.2f} | {row['cpu_seconds']:.2f} | "
+              f"{row['peak_mib']:.0f} |", flush=True)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
+
+
+def _chosen_rows(args):
     chosen = None if args.cases is None else {int(v) for v in args.cases.split(",")}
     for case_index, case in enumerate(CASES):
         if (args.quick and case[2][1] >= 224) or (chosen is not None and case_index not in chosen):
             continue
         for data in args.data.split(","):
             for dtype in args.dtypes.split(","):
-                completed = subprocess.run([sys.executable, __file__, "--row", f"{case_index}:{data}:{dtype}",
-                                            "--threads", str(args.threads), "--label-smoothing",
-                                            str(args.label_smoothing), "--repeat", str(args.repeat)],
-                                           capture_output=True, text=True, cwd=ROOT)
-                if completed.returncode != 0:
-                    message = (completed.stderr.strip().splitlines() or ["failed"])[-1]
-                    print(f"| {case[0]} | {'x'.join(map(str, case[2]))} | {data} | {dtype} | failed: {message} "
-                          "||||||||||")
-                    continue
-                row = json.loads(completed.stdout.strip().splitlines()[-1])
-                flags = ", ".join(row["flagged"]) or "-"
-                if row["repaired"]:
-                    flags += f" (pattern re-solved: {', '.join(row['repaired'])})"
-                print(f"| {row['case']} | {row['input']} | {row['data']} | {row['dtype']} | {row['psnr']:.1f} | "
-                      f"{row['ssim']:.6f} | {row['max_error']:.1e} | {row['residual_ratio']:.1e} | {flags} | "
-                      f"{row['rows']} | {row['iterations'] or '-'} | {row['seconds']:.2f} | {row['cpu_seconds']:.2f} | "
-                      f"{row['peak_mib']:.0f} |", flush=True)
+                yield case_index, data, dtype
+
+
+def _run_in(root: Path, row: str, args) -> dict:
+    """One row in the checkout at ``root`` (its own copy of this script, so its own gitool)."""
+    script = root / "benchmarks" / "reconstruct_analytic.py"
+    completed = subprocess.run([sys.executable, str(script), "--row", row, "--threads", str(args.threads),
+                                "--label-smoothing", str(args.label_smoothing), "--repeat", str(args.repeat)],
+                               capture_output=True, text=True, cwd=root)
+    if completed.returncode != 0:
+        raise SystemExit(f"{root}: row {row} failed: {(completed.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def compare(args) -> None:
+    """Each row in this checkout and in --against, alternating, medians of --rounds."""
+    other = args.against.resolve()
+    print(f"this: {ROOT}; against: {other}; {args.threads} threads; fastest of {args.repeat} per round, "
+          f"median of {args.rounds} rounds")
+    print("| model | data | dtype | PSNR dB | PSNR dB (against) | time s | time s (against) | CPU s "
+          "| CPU s (against) | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for case_index, data, dtype in _chosen_rows(args):
+        row = f"{case_index}:{data}:{dtype}"
+        runs = {ROOT: [], other: []}
+        loads = []
+        for round_index in range(args.rounds):
+            for root in ((ROOT, other) if round_index % 2 == 0 else (other, ROOT)):
+                loads.append(os.getloadavg()[0])
+                runs[root].append(_run_in(root, row, args))
+        mine, theirs = runs[ROOT], runs[other]
+
+        def median(rows, key):
+            return statistics.median(r[key] for r in rows)
+
+        print(f"| {mine[0]['case']} | {data} | {dtype} | {median(mine, 'psnr'):.1f} | {median(theirs, 'psnr'):.1f} | "
+              f"{median(mine, 'seconds'):.3f} | {median(theirs, 'seconds'):.3f} | {median(mine, 'cpu_seconds'):.3f} | "
+              f"{median(theirs, 'cpu_seconds'):.3f} | {min(loads):.1f}-{max(loads):.1f} |", flush=True)
 
 
 if __name__ == "__main__":
