@@ -23,7 +23,8 @@ taken at the client's *real* intermediate models (replayed from the truth, which
 server never sees). It is the best any drift model built on auxiliary statistics can
 do, so ``rlu*`` minus ``rlu`` is what RLU's drift simulation loses and 1 minus ``rlu*``
 is what the auxiliary statistics themselves cannot explain (for m = 1 they coincide
-with RLU). Models with batch norm are left out of it (n/a).
+with RLU). With batch norm each step's statistics are measured with the client's own
+batch of that step normalising the auxiliary samples.
 """
 
 from __future__ import annotations
@@ -139,20 +140,48 @@ def data_spec(row: Row) -> str:
 def path_oracle(update, truth, aux):
     """RLU's counts with the auxiliary statistics measured at the client's real
     intermediate models theta_0 .. theta_{m-1} (replayed from the truth): the bound
-    described in the module docstring. None for models with batch norm."""
-    model = update.build_model(dtype=torch.float64)
-    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        return None  # measuring in train mode would also move the running statistics
+    described in the module docstring. With batch norm in train mode each step's
+    statistics are measured with that step's own batch normalising the auxiliary samples,
+    as the client's step did. The replay redraws the client's dropout masks (same seed);
+    None when it does not reproduce the update."""
+    import copy
+
+    from gitool.capture import DTYPES
+    from gitool.models import DROPOUT_TYPES
+
+    dtype = DTYPES[update.training.dtype]
+    model = update.build_model(dtype=dtype)
     layer = output_layer(update, model=model)  # read before local_training moves the model
     use_bias = layer.bias is not None
+    batch_norm = rlu_math.has_batch_statistics(model)
+    inputs = truth.inputs.to(dtype)
+    b = update.training.batch_size
     systems = []
 
     def measure(step):
-        probs, features = model_outputs(model, aux.inputs)
-        systems.append(rlu_math.step_system(probs, features, aux.labels, layer.weight.shape[0], not use_bias))
+        probe = model
+        if batch_norm:  # normalise with the client's batch of this step
+            probe = copy.deepcopy(model).eval()
+            norms = [m for m in probe.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+            for norm in norms:
+                norm.momentum = 1.0
+                norm.train()
+            with torch.no_grad():
+                probe(inputs[step * b:(step + 1) * b])
+            probe.eval()
+        probs, features = model_outputs(probe, aux.inputs.to(dtype))
+        systems.append(rlu_math.step_system(probs.double(), features.double(), aux.labels, layer.weight.shape[0],
+                                            not use_bias))
 
-    local_training(model, truth.inputs.to(torch.float64), truth.labels.to(torch.float64), update.training,
-                   DefenceSpec(), "delta", torch.Generator().manual_seed(0), before_step=measure)
+    seed = int(update.provenance.get("seed", 0))
+    torch.manual_seed(seed)  # as capture: seed, then build the model (its init draws), then train
+    build_model(update.model)
+    replay = local_training(model, inputs, truth.labels.to(dtype), update.training, DefenceSpec(), update.kind,
+                            torch.Generator().manual_seed(seed), before_step=measure)
+    dropout = any(isinstance(m, DROPOUT_TYPES) for m in model.modules())
+    if dropout and not all(torch.allclose(replay.values[n], update.values[n].to(dtype), rtol=1e-4, atol=1e-6)
+                           for n in update.values):
+        return None
     estimate, _ = rlu_math.solve_counts_nnls(rlu_math.weighted_system(systems, layer.coefficients),
                                              rlu_observation(layer), layer.total)
     return largest_remainder(estimate, layer.total)

@@ -77,15 +77,15 @@ def choose_aux_items(labels: np.ndarray, num_classes: int, per_class: int, seed:
 
 
 def model_outputs(model, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(softmax, last-layer features) of ``inputs``, without gradients."""
-    from gitool.models import forward_with_features
+    """(softmax, last-layer features) of ``inputs``, without gradients and without dropout."""
+    from gitool.models import dropout_off, forward_with_features
 
-    with torch.no_grad():
+    with torch.no_grad(), dropout_off(model):
         logits, features = forward_with_features(model, inputs)
     return torch.softmax(logits, dim=1), features
 
 
-def aux_statistics(update, spec: str, per_class: int = 10, seed: int = 0, device: str = "cpu",
+def aux_statistics(update, spec: str, per_class: int, seed: int = 0, device: str = "cpu",
                    model=None) -> AuxStats:
     """The auxiliary statistics of ``update``'s global model (memoised)."""
     if per_class < 1:

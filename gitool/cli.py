@@ -464,7 +464,11 @@ def labels(
     aux: Annotated[Optional[str], typer.Option("--aux", help="Auxiliary data source for the batch methods that "
                    "need one (a --data spec).", rich_help_panel="batch methods")] = None,
     aux_per_class: Annotated[Optional[int], typer.Option("--aux-per-class", help="Auxiliary samples per class "
-                             "(default 10).", rich_help_panel="batch methods")] = None,
+                             "(default 100; fewer cost RLU points on trained models).",
+                             rich_help_panel="batch methods")] = None,
+    drift: Annotated[Optional[str], typer.Option("--drift", help="rlu, m > 1: how the statistics drift over the "
+                     "local steps: simulate (the m steps on the auxiliary set, default) | midpoint (one model "
+                     "between the global and the received one; cheaper).", rich_help_panel="batch methods")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for randomised searches (pso) and methods.")] = 0,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="PNG of the search loss over lambda, the chosen "
                     "minimum marked (one update).")] = None,
@@ -480,7 +484,8 @@ def labels(
     """
     with reporting(enabled=not json_output) as progress:
         batch = step.labels(updates=updates, output=output, out_dir=out_dir, method=method, family=family,
-                             search=search, aux=aux, aux_per_class=aux_per_class, seed=seed, plot=plot, model=model,
+                             search=search, aux=aux, aux_per_class=aux_per_class, drift=drift, seed=seed, plot=plot,
+                             model=model,
                              device=device, progress=progress if len(updates) > 1 or updates[0].is_dir() else None)
     if json_output:
         emit_json({"files": [{k: v for k, v in row.items() if k != "summary"} for row in batch.rows],

@@ -60,6 +60,9 @@ LABEL_METHODS: dict[str, Method] = {m.name: m for m in (
            f"{BATCH}:CountOptions", f"{BATCH}:ilrg", delta_facts=True, reads="classifier"),
     Method("rlu", "labels", "counts from the local update, multi-step drift simulated (RLU, Chen & Vikalo 2024)",
            ANY, N, f"{BATCH}:RLUOptions", f"{BATCH}:rlu", delta_facts=True, needs_aux=True),
+    Method("rlu-published", "labels", "the published RLU code's estimator: off-class softmax of the mean auxiliary "
+           "logits, bias update, rescaled to N (a baseline for rlu)", ANY, N, f"{BATCH}:AuxCountOptions",
+           f"{BATCH}:rlu_published", delta_facts=True, needs_aux=True),
 )}
 
 METHOD_HELP = method_help(LABEL_METHODS, "auto (bias for a single-sample gradient with a last-layer bias, lambda "

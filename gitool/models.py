@@ -256,6 +256,17 @@ def _positive_int(spec: ModelSpec, key: str) -> int:
     return values[0]
 
 
+def _fraction(spec: ModelSpec, key: str) -> float:
+    text = _option(spec, key)
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < 1:
+        raise UsageError(f"model option {key} must be a number in [0, 1), got {text!r}")
+    return value
+
+
 def _leaky_slope(spec: ModelSpec) -> float:
     """The negative slope used whenever the activation is leakyrelu."""
     text = _option(spec, "leaky_slope")
@@ -480,6 +491,67 @@ def build_resnet18(spec: ModelSpec) -> nn.Module:
     return FeatureClassifier(nn.Sequential(*layers), in_channels, spec.num_classes, spec.last_bias)
 
 
+@model_options()
+def build_lenet5(spec: ModelSpec) -> nn.Module:
+    """LeNet-5 (LeCun et al. 1998) as RLU attacks it: conv 6, pool, conv 16, pool, FC 120, FC 84 (default relu).
+
+    Two 5x5 convolutions without padding, each followed by the activation and 2x2 max
+    pooling, then fully connected layers of 120 and 84 units: the classifier reads an
+    84-d bottleneck (400 -> 120 -> 84 -> K for 32x32 inputs, as in Chen & Vikalo 2024).
+    """
+    activation = _activation_maker(spec, "relu")
+    channels, height, width = spec.input_shape
+    for _ in range(2):
+        height, width = conv_output_size(height, 5, 1, 0) // 2, conv_output_size(width, 5, 1, 0) // 2
+    if height < 1 or width < 1:
+        raise UsageError(f"input shape {spec.input_shape} is too small for lenet5 (it needs at least 12x12)")
+    features = nn.Sequential(
+        nn.Conv2d(channels, 6, 5), activation(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), activation(), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * height * width, 120), activation(),
+        nn.Linear(120, 84), activation(),
+    )
+    return FeatureClassifier(features, 84, spec.num_classes, spec.last_bias)
+
+
+# Convolutions per stage of the VGG configurations (Simonyan & Zisserman 2015, A, B, D).
+VGG_DEPTHS = {"11": (1, 1, 2, 2, 2), "13": (2, 2, 2, 2, 2), "16": (2, 2, 3, 3, 3)}
+
+
+@model_options(depth="16", width="64", hidden="512", dropout="0.5")
+def build_vgg(spec: ModelSpec) -> nn.Module:
+    """VGG with batch norm and dropout, CIFAR style: 5 stages of 3x3 conv+BN, max-pool, FC hidden, FC hidden (default relu).
+
+    ``depth`` 11, 13 or 16 picks the convolutions per stage; the stages have width,
+    2*width, 4*width, 8*width, 8*width channels (64..512 as VGG16), each conv followed by
+    batch norm and the activation, each stage by 2x2 max pooling (skipped once the map is
+    1x1; adaptive average pooling to 1x1 at the end). The head is dropout, Linear to
+    ``hidden``, activation, dropout, Linear to ``hidden``, activation, as the CIFAR VGG16
+    RLU attacks; the classifier reads that ``hidden``-d feature.
+    """
+    depth = _option(spec, "depth")
+    if depth not in VGG_DEPTHS:
+        raise UsageError(f"vgg depth must be one of {', '.join(VGG_DEPTHS)}, got depth={depth!r}")
+    width, hidden = _positive_int(spec, "width"), _positive_int(spec, "hidden")
+    dropout = _fraction(spec, "dropout")
+    activation = _activation_maker(spec, "relu")
+    in_channels, size = spec.input_shape[0], min(spec.input_shape[1:])
+    layers: list[nn.Module] = []
+    for stage, convs in enumerate(VGG_DEPTHS[depth]):
+        out_channels = width * min(2**stage, 8)
+        for _ in range(convs):
+            layers += [nn.Conv2d(in_channels, out_channels, 3, 1, 1), nn.BatchNorm2d(out_channels), activation()]
+            in_channels = out_channels
+        if size >= 2:
+            layers.append(nn.MaxPool2d(2))
+            size //= 2
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+               nn.Dropout(dropout), nn.Linear(in_channels, hidden), activation(),
+               nn.Dropout(dropout), nn.Linear(hidden, hidden), activation()]
+    return FeatureClassifier(nn.Sequential(*layers), hidden, spec.num_classes, spec.last_bias)
+
+
 MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {
     "fcn4": build_fcn4,
     "mlp": build_mlp,
@@ -487,6 +559,8 @@ MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {
     "rconv-lenet": build_rconv_lenet,
     "cnn6": build_cnn6,
     "resnet18": build_resnet18,
+    "lenet5": build_lenet5,
+    "vgg": build_vgg,
 }
 
 
@@ -514,6 +588,10 @@ PAPER_DEFAULTS: dict[str, PaperDefaults] = {
     "cnn6": PaperDefaults("uniform", True, {}, "float32", "R-GAP's CNN6 as R-CONV attacks it, weights U(-0.5, 0.5)"),
     "resnet18": PaperDefaults("default", True, {}, "float32",
                               "Inverting Gradients (Geiping et al. 2020): ResNet-18 with PyTorch's init"),
+    "lenet5": PaperDefaults("default", True, {}, "float32",
+                            "RLU (Chen & Vikalo, ICML 2024) on SVHN: LeNet-5 with PyTorch's init"),
+    "vgg": PaperDefaults("default", True, {}, "float32",
+                         "RLU (Chen & Vikalo, ICML 2024) on CIFAR: VGG16 with batch norm and dropout, PyTorch's init"),
 }
 
 
@@ -897,6 +975,27 @@ def _init_default(model: nn.Module, generator: torch.Generator | None) -> None:
         torch.manual_seed(seed)
         for module in resettable:
             module.reset_parameters()
+
+
+DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+@contextlib.contextmanager
+def dropout_off(model: nn.Module):
+    """Dropout layers in eval mode for the duration, the rest of the model as it is.
+
+    The server measures what the client's model does *on average*: dropout's masks are
+    the client's private randomness, while batch norm in train mode is part of the
+    function the client trains (it normalises with the batch), so only dropout is
+    switched off."""
+    dropouts = [m for m in model.modules() if isinstance(m, DROPOUT_TYPES) and m.training]
+    for module in dropouts:
+        module.eval()
+    try:
+        yield model
+    finally:
+        for module in dropouts:
+            module.train()
 
 
 def last_linear(model: nn.Module) -> nn.Linear:

@@ -49,8 +49,10 @@ def test_repeat_writes_numbered_pairs(run_cli, tmp_path):
     ("rconv-lenet", ["--activation", "relu"]),
     ("cnn6", []),
     ("resnet18", ["--model-opt", "width=4", "--mode", "eval"]),
+    ("lenet5", []),
+    ("vgg", ["--model-opt", "width=4", "--model-opt", "hidden=16", "--mode", "eval"]),
 ])
-@pytest.mark.parametrize("data", ["synthetic", "digits", "samples"])
+@pytest.mark.parametrize("data", ["synthetic", "digits", "samples", "photos"])
 def test_every_model_and_source_captures(run_cli, tmp_path, model, extra, data):
     out = tmp_path / "m.update.safetensors"
     r = run_cli("capture", "--model", model, "--image-size", "32", "--data", data, "--batch-size", "2", *extra,
@@ -60,6 +62,13 @@ def test_every_model_and_source_captures(run_cli, tmp_path, model, extra, data):
     truth = load_truth(tmp_path / "m.truth.safetensors")
     assert update.model.name == model and truth.images.shape == (2, 3, 32, 32)
     assert 0 <= float(truth.images.min()) and float(truth.images.max()) <= 1
+
+
+def test_models_lists_the_photos_source(run_cli):
+    r = run_cli("models", "--json")
+    assert r.exit_code == 0, r.stderr
+    sources = dict(r.json()["data"])
+    assert "scikit-image" in sources["photos"] and "PER_CLASS" in sources["photos"]
 
 
 def test_score_labels_file_against_truth(run_cli, tmp_path):

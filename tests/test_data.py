@@ -94,6 +94,55 @@ def test_digits_resized_and_replicated():
 
 
 # --------------------------------------------------------------------------------------
+# photos
+# --------------------------------------------------------------------------------------
+
+
+def test_photos_are_seeded_crops_of_ten_shipped_photographs():
+    pytest.importorskip("skimage")
+    source = open_source("photos:3", (3, 24, 24), num_classes=10)
+    assert len(source) == 30 and source.num_classes == 10
+    assert source.class_names[:2] == ["astronaut", "chelsea"]
+    check_labels(source)
+    images = source.images(range(30))
+    check_batch(images, 30, (3, 24, 24))
+    assert torch.equal(images, open_source("photos:3", (3, 24, 24), seed=0).images(range(30)))
+    assert not torch.allclose(images[:5], open_source("photos:3", (3, 24, 24), seed=1).images(range(5)))
+    assert source.labels[:10].tolist() == list(range(10))  # the first K items hold K classes
+    # Crops of one photograph differ (place, scale, flip, jitter), crops of the Hubble deep
+    # field (class 5) are darker than the cat's (class 1) on average.
+    assert (images[0] - images[10]).abs().mean() > 0.02
+    assert images[5::10].mean() < images[1::10].mean()
+    gray = open_source("photos:2", (1, 16, 16)).images([0, 1])
+    check_batch(gray, 2, (1, 16, 16))
+
+
+def test_photos_is_learnable_by_the_nearest_class_mean_only_in_part():
+    """Colour alone tells the classes apart only in part (jitter hides it): the nearest
+    class-mean colour histogram is right for far fewer than all crops, yet far above chance."""
+    pytest.importorskip("skimage")
+    source = open_source("photos:30", (3, 16, 16), seed=3)
+    images = source.images(range(len(source)))
+    labels = torch.from_numpy(source.labels)
+    colour = images.mean(dim=(2, 3))
+    means = torch.stack([colour[labels == c].mean(dim=0) for c in range(10)])
+    nearest = (colour[:, None] - means[None]).pow(2).sum(-1).argmin(dim=1)
+    accuracy = float((nearest == labels).float().mean())
+    assert 0.2 < accuracy < 0.8, accuracy
+
+
+def test_photos_without_scikit_image_is_one_clear_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "skimage" else real(name, *a))
+    with pytest.raises(GitoolError, match=r"needs scikit-image .*pip install 'gitool\[photos\]'"):
+        open_source("photos", (3, 32, 32))
+    with pytest.raises(UsageError, match="positive integer"):
+        open_source("photos:0", (3, 32, 32))
+
+
+# --------------------------------------------------------------------------------------
 # image folders and samples
 # --------------------------------------------------------------------------------------
 

@@ -91,6 +91,33 @@ def test_multi_step_rlu_beats_the_baselines(capture_factory):
     assert all(scores["rlu"] > value for method, value in scores.items() if method != "rlu"), scores
 
 
+def test_midpoint_drift_agrees_with_the_simulation_and_rlu_published_on_an_untrained_model(capture_factory):
+    """Measured: on an untrained LeNet (B = 16, m = 8, lr 0.05) RLU with the midpoint
+    drift model, RLU with the full simulation and the published estimator all recover
+    every count of two updates; on one-step updates so does rlu-published, since an
+    untrained model's softmax is the same near-uniform vector for every class."""
+    for seed in (1, 2):
+        update, truth = capture_update(capture_factory, f"mid{seed}", batch=16, steps=8, alpha=0.5, seed=seed,
+                                       lr=0.05)
+        simulated = recover_labels(update, "rlu", AUX)
+        midpoint = recover_labels(update, "rlu", {**AUX, "drift": "midpoint"})
+        assert midpoint.options["drift"] == "midpoint" and simulated.options["drift"] == "simulate"
+        assert midpoint.diagnostics["refinement_rounds"] == 1  # no batch norm: one solve
+        for outcome in (simulated, midpoint, recover_labels(update, "rlu-published", AUX)):
+            assert score_counts(outcome.counts, truth.counts)["iAcc"] == 1.0, outcome.method
+        update, truth = capture_update(capture_factory, f"pub{seed}", batch=16, alpha=0.5, seed=seed)
+        assert recover_labels(update, "rlu-published", AUX).counts.tolist() == truth.counts.tolist()
+    with pytest.raises(UsageError, match="--drift must be one of simulate, midpoint"):
+        recover_labels(update, "rlu", {**AUX, "drift": "halfway"})
+
+
+def test_rlu_published_needs_the_bias(capture_factory):
+    spec = dataclasses.replace(LENET, last_bias=False)
+    update, _ = capture_update(capture_factory, "nobias-pub", classes=[1, 1, 4, 8, 2, 2], spec=spec)
+    with pytest.raises(UsageError, match="rlu-published reads the last-layer bias update"):
+        recover_labels(update, "rlu-published", AUX)
+
+
 def test_rlu_reports_its_refinement(capture_factory):
     update, _ = capture_update(capture_factory, "refine", batch=8, steps=4, alpha=0.5)
     outcome = recover_labels(update, "rlu", AUX)
@@ -179,3 +206,17 @@ def test_refinement_stops_once_a_round_moves_almost_no_labels():
     _, diagnostics = _refine(system_for, torch.tensor([40.0, 40.0, 20.0], dtype=torch.float64), 1.0, observed,
                              100, rounds=5, tolerance=0.1)
     assert diagnostics["labels_moved"] == [10]
+
+
+def test_runaway_drift_counts_give_way_to_the_global_models():
+    from gitool.labels_batch import _unless_runaway
+
+    system = torch.eye(3, dtype=torch.float64) - torch.full((3, 3), 1 / 3, dtype=torch.float64)
+    observed = system @ torch.tensor([50.0, 30.0, 20.0], dtype=torch.float64)  # the global system fits exactly
+    runaway = (torch.tensor([90, 5, 5]), {"residual": 0.6})
+    counts, diagnostics = _unless_runaway(runaway, system, observed, 100)
+    assert counts.tolist() == [50, 30, 20] and "fallback" in diagnostics and diagnostics["drift_residual"] == 0.6
+    assert diagnostics["residual"] < 1e-9
+    close = (torch.tensor([48, 32, 20]), {"residual": 0.05})  # fits about as well: the drift model stays
+    counts, diagnostics = _unless_runaway(close, system, observed, 100)
+    assert counts.tolist() == [48, 32, 20] and "fallback" not in diagnostics

@@ -25,10 +25,11 @@ SMALL_OPTIONS = {
     "fcn4": {"widths": "32,16,8"},
     "mlp": {"widths": "24,12"},
     "resnet18": {"width": "4"},
+    "vgg": {"width": "4", "hidden": "16"},
 }
 
 # Feature size at the default 3x32x32 input, as given in methods.md and the papers.
-FEATURE_SIZE_AT_32 = {"lenet": 768, "rconv-lenet": 192, "cnn6": 3200}
+FEATURE_SIZE_AT_32 = {"lenet": 768, "rconv-lenet": 192, "cnn6": 3200, "lenet5": 84, "vgg": 512}
 
 
 def small_spec(name: str, **changes) -> ModelSpec:
@@ -90,6 +91,43 @@ def test_resnet18_default_is_the_standard_width():
     model = build_model(ModelSpec("resnet18", num_classes=10))
     assert model.classifier.in_features == 512
     assert sum(isinstance(m, nn.Conv2d) for m in model.modules()) == 20  # 17 + 3 projections
+
+
+def test_lenet5_is_lecuns_with_an_84_unit_bottleneck():
+    model = build_model(ModelSpec("lenet5", num_classes=10))
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert [c.out_channels for c in convs] == [6, 16]
+    assert [(m.in_features, m.out_features) for m in linears] == [(400, 120), (120, 84), (84, 10)]
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 2
+
+
+def test_vgg_depths_have_batch_norm_and_dropout():
+    for depth, convs in (("11", 8), ("13", 10), ("16", 13)):
+        model = build_model(ModelSpec("vgg", options={"depth": depth}))
+        assert sum(isinstance(m, nn.Conv2d) for m in model.modules()) == convs
+        assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == convs
+    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert [d.p for d in dropouts] == [0.5, 0.5]
+    small = build_model(ModelSpec("vgg", input_shape=(3, 16, 16), options={"width": "4", "hidden": "16",
+                                                                           "dropout": "0.2"}))
+    assert small.classifier.in_features == 16 and small(torch.rand(2, 3, 16, 16)).shape == (2, 10)
+    with pytest.raises(UsageError, match="dropout"):
+        build_model(ModelSpec("vgg", options={"dropout": "1.5"}))
+    with pytest.raises(UsageError, match="depth"):
+        build_model(ModelSpec("vgg", options={"depth": "19"}))
+
+
+def test_dropout_off_only_while_measuring():
+    from gitool.models import dropout_off
+
+    model = build_model(small_spec("vgg")).train()
+    x = torch.rand(4, 3, 32, 32)
+    with dropout_off(model):
+        first, second = model(x), model(x)  # batch norm still uses the batch, dropout is off
+        assert model.features[0].training is True
+    torch.testing.assert_close(first, second)
+    assert all(m.training for m in model.modules())
 
 
 def test_cnn6_layers_follow_r_gap():

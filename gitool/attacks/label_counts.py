@@ -154,6 +154,27 @@ def zlg_estimate(row_sums: torch.Tensor, total: int, expected_softmax: torch.Ten
     return total * (expected_softmax - row_sums / mean_feature_sum)
 
 
+def off_class_mean_logits(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """mu (K): mu_j = mean over the classes c != j of E[z_j | true class c], the mean logit
+    of output j on samples of the other classes (each class weighs the same)."""
+    total = torch.zeros(num_classes, num_classes, dtype=logits.dtype, device=logits.device)
+    total.index_add_(0, labels, logits)
+    count = torch.bincount(labels, minlength=num_classes).to(logits.dtype).clamp_min(1)
+    mean = total / count[:, None]  # mean[c, j] = E[z_j | c]
+    return (mean.sum(dim=0) - mean.diagonal()) / max(num_classes - 1, 1)
+
+
+def published_rlu_estimate(bias_grad: torch.Tensor, shift: torch.Tensor, total: int) -> torch.Tensor:
+    """The count estimator of the published RLU code: n_j proportional to
+    max(0, s_j - g_b,j), rescaled to sum N, with s = softmax(mu) the off-class softmax of
+    the mean logits (`off_class_mean_logits`). It reads g_b,j = p_bar_j - n_j / N with one
+    shared stand-in s_j for every sample's p_j, whatever its class, where RLU solves
+    with the per-class confidences S (real valued; round with `largest_remainder`)."""
+    score = (shift - bias_grad).clamp_min(0)
+    mass = float(score.sum())
+    return total * score / mass if mass > 0 else torch.full_like(score, total / score.numel())
+
+
 def ilrg_estimate(weight: torch.Tensor, bias: torch.Tensor, weight_grad: torch.Tensor, bias_grad: torch.Tensor,
                   total: int) -> tuple[torch.Tensor, float]:
     """iLRG (Ma et al., ICLR 2023). Class-average embedding z_j = G_j / g_b,j (the rows of

@@ -144,9 +144,12 @@ def simulate_drift(model, inputs: torch.Tensor, labels: torch.Tensor, counts: to
     (0 and m always) and interpolate linearly in between. With batch statistics every
     measurement is an extra forward pass over the auxiliary samples, and the simulated
     path (an expected gradient) is smooth."""
-    from gitool.models import forward_with_features, last_linear
+    from gitool.models import DROPOUT_TYPES, forward_with_features, last_linear
 
     model = copy.deepcopy(model).to(dtype)
+    dropouts = [m for m in model.modules() if isinstance(m, DROPOUT_TYPES)]
+    for dropout in dropouts:
+        dropout.eval()  # the expected path: dropout's masks are the client's own randomness
     inputs = inputs.to(dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in params]
@@ -177,6 +180,8 @@ def simulate_drift(model, inputs: torch.Tensor, labels: torch.Tensor, counts: to
                 with torch.no_grad():
                     logits, features = forward_with_features(model, inputs)
                 model.train()
+                for dropout in dropouts:
+                    dropout.eval()
         else:
             logits, features = forward_with_features(model, inputs)
         if step in measured:
@@ -224,6 +229,14 @@ def interpolate_systems(systems: list[torch.Tensor | None]) -> list[torch.Tensor
     return filled
 
 
+def effective_fraction(response: torch.Tensor, coefficients: torch.Tensor) -> float:
+    """t* = sum_s c_s w_s / sum_s c_s: the point of the straight path from the global to
+    the received model whose statistics stand for all m steps in the midpoint drift
+    model (0.45 for plain SGD with m = 10; 0 for one step). To first order in the drift,
+    A(theta_0 + t* delta) equals A_eff = sum_s c_s A(theta_s) / sum_s c_s."""
+    return float((coefficients * path_fractions(response)).sum() / coefficients.sum())
+
+
 def calibrate(simulated: list[torch.Tensor], progress: torch.Tensor, start: torch.Tensor,
               end: torch.Tensor) -> list[torch.Tensor]:
     """Per-step systems of the simulated path, pinned to the measured ends: the system
@@ -253,14 +266,14 @@ def outputs_with_batch_mix(model, inputs: torch.Tensor, labels: torch.Tensor, co
     evaluated with them (in ``dtype``; the outputs come back in float64)."""
     from gitool.models import forward_with_features
 
-    model = copy.deepcopy(model).to(dtype)
+    model = copy.deepcopy(model).to(dtype).eval()
     inputs = inputs.to(dtype)
     batch = inputs[mixed_batch(labels, counts, batch_size)]
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     with torch.no_grad():
         for norm in norms:
             norm.momentum = 1.0
-        model.train()
+            norm.train()  # only the batch norms: no dropout in this measuring pass
         model(batch)
         model.eval()
         logits, features = forward_with_features(model, inputs)

@@ -96,6 +96,28 @@ def test_ilrg_recovers_counts_and_fits_its_system():
     assert residual < 0.05
 
 
+def test_off_class_mean_logits_weigh_every_other_class_alike():
+    # Class 0 has two samples, class 1 one, class 2 one; logits of 3 outputs.
+    logits = torch.tensor([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0], [0.0, 6.0, 0.0], [9.0, 0.0, 3.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 2])
+    # E[z | 0] = (2, 3, 4), E[z | 1] = (0, 6, 0), E[z | 2] = (9, 0, 3)
+    mu = lc.off_class_mean_logits(logits, labels, 3)
+    assert mu.tolist() == [(0 + 9) / 2, (3 + 0) / 2, (4 + 0) / 2]
+
+
+def test_published_rlu_estimate_is_exact_when_every_sample_has_the_shift_as_softmax():
+    # g_b = mean(p - y) = s - n / N when every p equals s: the estimator returns n exactly.
+    counts = torch.tensor([5.0, 0.0, 2.0, 1.0], dtype=torch.float64)
+    shift = torch.tensor([0.1, 0.4, 0.3, 0.2], dtype=torch.float64)
+    bias_grad = shift - counts / 8
+    assert torch.allclose(lc.published_rlu_estimate(bias_grad, shift, 8), counts)
+    # A confident model: the classes the batch holds have p_y near 1, not s_y, so their
+    # gradient entry is near 0 and the estimator sees (almost) none of them.
+    confident = torch.tensor([0.02, 0.0, 0.01, 0.0], dtype=torch.float64)
+    estimate = lc.published_rlu_estimate(confident, shift, 8)
+    assert float(estimate.sum()) == pytest.approx(8) and estimate[1] > estimate[0]
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum", "fedprox"])
 def test_mean_gradient_undoes_one_local_step_exactly(optimizer):
     """One step of any supported optimiser is theta_1 - theta_0 = -eta (g + wd theta_0):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from gitool.attacks import label_counts as lc
@@ -107,3 +108,11 @@ def test_simulated_drift_with_batch_norm_measures_only_the_asked_points():
     assert torch.allclose(sparse[1], (every[0] + every[2]) / 2, atol=1e-12)
     assert not torch.allclose(sparse[1], every[1], atol=1e-6)  # the path really bends a little
     assert torch.equal(progress, sparse_progress)
+
+
+def test_effective_fraction_is_the_coefficient_weighted_mean_of_the_step_fractions():
+    response = lc.optimizer_response(10, 0.01, "sgd")
+    assert rlu.effective_fraction(response, response[10]) == pytest.approx(0.45)
+    assert rlu.effective_fraction(lc.optimizer_response(1, 0.01, "sgd"), torch.ones(1)) == 0.0
+    momentum = lc.optimizer_response(10, 0.05, "momentum", momentum=0.9)
+    assert 0.1 < rlu.effective_fraction(momentum, momentum[10]) < 0.45  # early steps weigh more and sit early
