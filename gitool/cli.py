@@ -151,9 +151,9 @@ class PlainProgress:
         self.every, self.description, self.total, self.done = every, "", None, 0
         self.started = self.last = time.monotonic()
 
-    def line(self, final: bool = False) -> None:
+    def line(self, final: bool = False, force: bool = False) -> None:
         now = time.monotonic()
-        if not final and now - self.last < self.every:
+        if not (final or force) and now - self.last < self.every:
             return
         self.last = now
         elapsed = now - self.started
@@ -174,8 +174,9 @@ class PlainProgress:
         self.line(final=self.total is not None and self.done >= self.total)
 
     def update(self, completed: int, total: int | None, description: str) -> None:
+        first = self.done == 0 and completed > 0  # the first report of a long input shows at once
         self.done, self.total, self.description = completed, total or self.total, description
-        self.line()
+        self.line(force=first)
 
 
 @contextlib.contextmanager
@@ -668,6 +669,9 @@ def reconstruct(
     save_dir: Annotated[Optional[Path], typer.Option("--save-dir", help="optimize: folder for --save-every "
                         "(default: STEM.optimize-steps next to --output).", rich_help_panel="--method optimize")]
     = None,
+    time_budget: Annotated[float, typer.Option("--time-budget", help="optimize: stop after this many seconds and "
+                           "write the best iterate (lowest objective seen); 0: no limit. Ctrl-C / SIGTERM do the "
+                           "same, then exit 130 / 143.", rich_help_panel="--method optimize")] = 0.0,
     seed: Annotated[int, typer.Option("--seed", help="optimize: seed of the random starts.",
                     rich_help_panel="--method optimize")] = 0,
     model: TrustOpt = None,
@@ -685,7 +689,7 @@ def reconstruct(
                    "optimizer": optimizer, "iterations": iterations, "lr": lr, "restarts": restarts,
                    "signed": signed, "line_search": line_search, "joint_labels": joint_labels,
                    "layer_weights": layer_weights, "save_every": save_every,
-                   "save_dir": str(save_dir) if save_dir else None}
+                   "save_dir": str(save_dir) if save_dir else None, "time_budget": time_budget}
     many = len(updates) > 1 or updates[0].is_dir()
     with reporting(enabled=not json_output) as progress:
         batch = step.reconstruct_files(
@@ -1062,7 +1066,8 @@ def layers_table(layers: list[dict]) -> Table:
 
 
 def iteration_line(method: str, info: dict) -> str:
-    what = f"loss {info['loss']:.3e}, restart {info.get('restart', 1)}" if "loss" in info else info.get("layer", "")
+    what = (f"loss {info['loss']:.3e}, restart {info.get('restart', 1)}, iteration {info.get('iteration', '?')}"
+            if "loss" in info else info.get("layer", ""))
     return f"{method}: {what}"
 
 

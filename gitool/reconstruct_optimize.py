@@ -16,12 +16,19 @@ Adapter from an update file plus labels / features results to
     lbfgs_inner     L-BFGS inner steps per iteration                     default 20
     line_search     L-BFGS strong-Wolfe line search (False: DLG's plain steps) default True
     joint_labels    optimise the labels too (DLG); implied without labels
+    time_budget     seconds; stop there and keep the best iterate (0: none)  default 0
     seed, device, dtype (float32 | float64), report_every,
     save_every + save_dir   PNG of the current images every N iterations
+
+The run stops early, keeping each restart's best iterate (lowest objective seen), when the
+time budget is spent or, inside `gitool.interrupts.deferred` (the reconstruct command), on
+SIGINT / SIGTERM; the diagnostics record ``stopped`` (``budget``, ``interrupted`` or None)
+and ``iterations_done``.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -117,6 +124,7 @@ class OptimizeOptions:
     joint_labels: bool = False
     layer_weights: Any = None
     save_every: int = fact(0, Interval(int, 0, None))
+    time_budget: float = fact(0.0, Interval(float, 0.0, None))  # seconds; 0: no limit
     save_dir: str | None = None
     seed: int = fact(0, Interval(int, 0, 2**63 - 1))
     report_every: int | None = fact(None, Optional_(Interval(int, 1, None)))
@@ -128,8 +136,31 @@ class OptimizeOptions:
         check_fields(self, "options")
 
 
-def reconstruct_optimize(update, options, labels=None, features=None, progress=None) -> ReconOutcome:
+def stop_rule(time_budget: float, started: float):
+    """should_stop for the matcher: ``"budget"`` once ``time_budget`` seconds (0: never)
+    have passed since ``started`` (time.monotonic), ``"interrupted"`` after a deferred
+    SIGINT / SIGTERM."""
+    from gitool import interrupts
+
+    deadline = started + time_budget if time_budget > 0 else None
+
+    def should_stop() -> str | None:
+        if deadline is not None and time.monotonic() >= deadline:
+            return "budget"
+        return interrupts.requested()
+
+    return should_stop
+
+
+def reconstruct_optimize(update, options, labels=None, features=None, progress=None,
+                         snapshot=None) -> ReconOutcome:
+    """``snapshot(restart, iteration, images)`` (library callers, e.g. the benchmark) is
+    called every ``save_every`` iterations instead of writing PNGs."""
+    started = time.monotonic()
     options = dict(options) if isinstance(options, dict) else asdict(options)
+    time_budget = float(options.get("time_budget") or 0.0)
+    if not 0 <= time_budget < float("inf"):
+        raise UsageError(f"--time-budget must be a finite number of seconds >= 0, got {time_budget}")
     for result in (labels, features):
         if result is not None:
             result.check_source(update)
@@ -168,8 +199,8 @@ def reconstruct_optimize(update, options, labels=None, features=None, progress=N
         num_samples=update.num_samples, pruned=bool(update.defence.prune),
     )
 
-    snapshot, save_every = None, int(options.get("save_every") or 0)
-    if save_every:
+    save_every = int(options.get("save_every") or 0)
+    if save_every and snapshot is None:
         save_dir = options.get("save_dir")
         if not save_dir:
             raise UsageError("--save-every needs a folder for the PNGs (save_dir)")
@@ -182,7 +213,8 @@ def reconstruct_optimize(update, options, labels=None, features=None, progress=N
             save_image_grid(images.cpu(), save_dir / f"restart{restart + 1:02d}_iter{iteration:06d}.png")
 
     outcome = matcher.run(update.input.shape, device=device, dtype=dtype, progress=progress,
-                          snapshot=snapshot, snapshot_every=save_every)
+                          snapshot=snapshot, snapshot_every=save_every,
+                          should_stop=stop_rule(time_budget, started))
     label_source = "jointly optimised (DLG)" if y is None else "fixed from the labels file"
     diagnostics = {
         "loss": outcome.loss,
@@ -192,12 +224,21 @@ def reconstruct_optimize(update, options, labels=None, features=None, progress=N
         "labels": "joint" if y is None else "fixed",
         "matched_tensors": matcher.matched,
         "config": {k: v for k, v in config.__dict__.items() if k != "layer_weights"},
+        "stopped": outcome.stopped,  # None: every iteration ran; "budget" | "interrupted"
+        "iterations_done": outcome.iterations_done,
+        "time_budget": time_budget,
     }
     if y is None:
         diagnostics["joint_labels"] = outcome.labels.cpu().to(torch.float64).tolist()
     summary = [
         f"{config.optimizer} x {config.iterations} iterations, {config.restarts} restart(s), "
         f"distance {config.distance}, terms {config.terms}, tv {config.tv:g}",
+    ]
+    if outcome.stopped:
+        why = f"the {time_budget:g} s time budget" if outcome.stopped == "budget" else "a signal"
+        summary.append(f"stopped by {why} after {outcome.iterations_done} of {config.iterations * config.restarts} "
+                       "iterations; kept the best iterate")
+    summary += [
         f"labels {label_source}; final objective {outcome.loss:.4g} (restart {diagnostics['chosen_restart']})",
     ]
     return ReconOutcome(method="optimize", images=outcome.images.cpu().to(torch.float64).clamp(0, 1),

@@ -24,11 +24,13 @@ Two levels:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from gitool import interrupts
 from gitool.errors import GitoolError, UsageError, attack_errors
 from gitool.paths import identity, refuse_overlap
 
@@ -383,12 +385,17 @@ def reconstruct_update(path: Path, target: Path, method: str, options: dict[str,
     options = dict(options)
     if method == "optimize" and options.get("save_every") and options.get("save_dir") is None:
         options["save_dir"] = str(target.parent / f"{stem(target)}.optimize-steps")
-    result, outcome = reconstruct_step(update, labels_result, features_result, method, options, progress)
-    save_result(result, target)
-    if png is not None:
-        from gitool.plotting import save_image_grid
+    # Gradient matching stops on SIGINT / SIGTERM and keeps its best iterate: written like any
+    # result, then the signal is raised again (exit 130 / 143).
+    with interrupts.deferred() if method == "optimize" else contextlib.nullcontext():
+        result, outcome = reconstruct_step(update, labels_result, features_result, method, options, progress)
+        save_result(result, target)
+        if png is not None:
+            from gitool.plotting import save_image_grid
 
-        save_image_grid(outcome.images, png, captions=[f"#{i}" for i in range(outcome.images.shape[0])])
+            save_image_grid(outcome.images, png, captions=[f"#{i}" for i in range(outcome.images.shape[0])])
+    if method == "optimize":
+        interrupts.reraise()
     return {"update": str(path), "output": str(target), "png": str(png) if png else None, "method": method,
             "seconds": result.wall_time, "images": list(outcome.images.shape), "diagnostics": outcome.diagnostics,
             "summary": outcome.summary}

@@ -217,3 +217,113 @@ def test_train_mode_batch_norm_makes_the_resnet_objective_a_needle(capture_facto
     assert abs(values["train"][0]) < 1e-6 and abs(values["eval"][0]) < 1e-6  # float32 update: ~1e-7
     assert values["train"][1] > 0.3  # measured 0.53 (0.67 at width 16; random images: 0.87)
     assert values["eval"][1] < 0.01  # measured 2.9e-4 (random images: 0.010)
+
+
+# --------------------------------------------------------------------------- time budget and signals
+
+
+def test_time_budget_stops_and_keeps_the_best_iterate(smoothing_capture):
+    import time
+
+    update, truth = smoothing_capture
+    labels = labels_result(update, truth.labels)
+    started = time.monotonic()
+    out = reconstruct(update, labels, None, "optimize", {"iterations": 1_000_000, "time_budget": 2.0})
+    seconds = time.monotonic() - started
+    assert seconds < 2.0 + 1.5  # measured 2.1 s: one iteration and the final objective past the budget
+    diagnostics = out.diagnostics
+    assert diagnostics["stopped"] == "budget" and diagnostics["time_budget"] == 2.0
+    assert 10 < diagnostics["iterations_done"] < 1_000_000  # measured ~300 on one loaded core
+    assert "stopped by the 2 s time budget" in " ".join(out.summary)
+    # The kept images are the lowest objective seen: never above the last reported loss.
+    assert diagnostics["loss"] <= min(h[2] for h in diagnostics["history"]) + 1e-12
+    assert float(psnr(out.images, truth.images)) > 12.0  # measured ~20 dB (random start: ~8 dB)
+
+
+def test_a_run_in_full_records_no_stop(smoothing_capture):
+    update, truth = smoothing_capture
+    out = reconstruct(update, labels_result(update, truth.labels), None, "optimize",
+                      {"iterations": 20, "restarts": 2, "time_budget": 600.0})
+    assert out.diagnostics["stopped"] is None and out.diagnostics["iterations_done"] == 40
+
+
+def test_time_budget_must_be_a_non_negative_number(smoothing_capture):
+    update, truth = smoothing_capture
+    with pytest.raises(UsageError, match="time-budget"):
+        reconstruct(update, labels_result(update, truth.labels), None, "optimize", {"time_budget": -1.0})
+
+
+def test_a_deferred_signal_stops_the_run_and_is_raised_after(smoothing_capture):
+    import os
+    import signal
+
+    from gitool import interrupts
+    from gitool.atomic import Terminated
+
+    update, truth = smoothing_capture
+    seen = []
+
+    def progress(done, total, info):
+        seen.append(done)
+        if done == 20:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Terminated):
+        with interrupts.deferred():
+            out = reconstruct(update, labels_result(update, truth.labels), None, "optimize",
+                              {"iterations": 10_000, "report_every": 10}, progress)
+        interrupts.reraise()
+    assert out.diagnostics["stopped"] == "interrupted" and out.diagnostics["iterations_done"] == 21
+    assert signal.getsignal(signal.SIGTERM) is not interrupts._on_signal  # handlers restored
+
+
+def _gitool(*args: str, stderr) -> "subprocess.Popen":
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.Popen([sys.executable, "-m", "gitool", *args], env=env, stdout=subprocess.PIPE, stderr=stderr,
+                            text=True, start_new_session=True)
+
+
+@pytest.mark.parametrize("signum, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_to_the_command_writes_the_best_iterate(smoothing_capture, tmp_path, signum, code):
+    """A long optimize run, stopped once its progress line (plain text: stderr is a file)
+    shows, leaves a valid result that gitool score reads, and exits 130 / 143."""
+    import signal
+    import time
+
+    from gitool.files import load_result, save_result
+
+    update, truth = smoothing_capture
+    labels = tmp_path / "s.labels.safetensors"
+    save_result(labels_result(update, truth.labels), labels)
+    out = tmp_path / "s.reconstruction.safetensors"
+    log = tmp_path / "stderr.log"
+    with log.open("w") as stderr:
+        process = _gitool("reconstruct", str(tmp_path / "s.update.safetensors"), "--labels", str(labels),
+                          "--method", "optimize", "--iterations", "1000000", "-o", str(out), stderr=stderr)
+        try:
+            deadline = time.monotonic() + 120
+            while "iteration 50" not in log.read_text() and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert "optimize: loss" in log.read_text()  # iteration, loss, elapsed, restart in a plain line
+            assert "restart 1, iteration 50: 50/1000000 in" in log.read_text()
+            process.send_signal(getattr(signal, signum))
+            process.wait(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert process.returncode == code, log.read_text()[-2000:]
+    result = load_result(out)
+    assert result.diagnostics["stopped"] == "interrupted" and result.diagnostics["iterations_done"] >= 50
+    assert not list(tmp_path.glob(".*gitool-tmp"))
+    from typer.testing import CliRunner
+
+    from gitool.cli import app
+
+    scored = CliRunner().invoke(app, ["score", str(out), "--truth", str(tmp_path / "s.truth.safetensors"), "--json"])
+    assert scored.exit_code == 0 and '"psnr"' in scored.output

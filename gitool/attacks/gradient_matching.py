@@ -115,6 +115,8 @@ class MatchOutcome:
     loss: float  # the winner's final objective
     restart_losses: list[float] = field(default_factory=list)
     history: list[tuple[int, int, float]] = field(default_factory=list)  # (restart, iteration, loss)
+    stopped: str | None = None  # why the run ended early (should_stop's reason), None when it ran in full
+    iterations_done: int = 0  # iterations run, summed over the restarts
 
 
 def total_variation(images: torch.Tensor) -> torch.Tensor:
@@ -287,14 +289,22 @@ class GradientMatcher:
 
     def run(self, image_shape: Sequence[int], device: torch.device | str = "cpu", dtype=torch.float32,
             progress: Callable[[int, int, dict], None] | None = None,
-            snapshot: Callable[[int, int, torch.Tensor], None] | None = None, snapshot_every: int = 0
-            ) -> MatchOutcome:
-        """Optimise ``restarts`` random starts and keep the one with the lowest J."""
+            snapshot: Callable[[int, int, torch.Tensor], None] | None = None, snapshot_every: int = 0,
+            should_stop: Callable[[], str | None] | None = None) -> MatchOutcome:
+        """Optimise ``restarts`` random starts and keep the one with the lowest J.
+
+        Every restart keeps its best iterate (the lowest J any iteration evaluated, or the
+        final projected images if lower). ``should_stop()`` is asked after every iteration;
+        a reason it returns (e.g. ``"budget"``, ``"interrupted"``) ends the run there: the
+        restarts not yet started are skipped and the best iterate so far wins, with the
+        reason and the iterations done recorded in the outcome."""
         cfg = self.config
         total = cfg.iterations * cfg.restarts
         best: tuple[float, torch.Tensor, torch.Tensor] | None = None
         restart_losses: list[float] = []
         history: list[tuple[int, int, float]] = []
+        stopped: str | None = None
+        done = 0
         for restart in range(cfg.restarts):
             generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + restart)
             images = torch.rand((self.num_samples, *image_shape), generator=generator, dtype=dtype)
@@ -305,8 +315,9 @@ class GradientMatcher:
                 logits = logits.to(device).requires_grad_(True)
                 variables.append(logits)
 
-            def label_value():
-                return self.labels if len(variables) == 1 else torch.softmax(variables[1], dim=1)
+            def label_value(values=None):
+                values = variables if values is None else values
+                return self.labels if len(values) == 1 else torch.softmax(values[1], dim=1)
 
             if cfg.optimizer == "adam":
                 optimizer = torch.optim.Adam(variables, lr=cfg.lr)
@@ -326,33 +337,53 @@ class GradientMatcher:
                     variable.grad = grad.sign() if signed and variable is images else grad
                 return loss
 
+            # The best iterate so far, kept on the device (no host sync per iteration): the
+            # loss a step returns is J at the variables it started from.
+            best_loss = torch.full((), math.inf, dtype=dtype, device=images.device)
+            best_values = [v.detach().clone() for v in variables]
             last = None
-            for it in range(1, cfg.iterations + 1):
+            it = 0
+            while it < cfg.iterations:
+                start_values = [v.detach().clone() for v in variables]
                 last = optimizer.step(closure)
+                it += 1
                 with torch.no_grad():
                     images.clamp_(0, 1)  # box constraint: projection onto [0, 1]
+                    better = last.detach() < best_loss  # False for NaN
+                    best_loss = torch.where(better, last.detach(), best_loss)
+                    best_values = [torch.where(better, s, b) for s, b in zip(start_values, best_values)]
                 if scheduler is not None:
                     scheduler.step()
-                if it % cfg.report_every == 0 or it == cfg.iterations:
+                reason = should_stop() if should_stop is not None else None
+                if it % cfg.report_every == 0 or it == cfg.iterations or reason:
                     value = float(last.detach())  # the only host sync, once per report
                     history.append((restart, it, value))
                     if progress is not None:
-                        progress(restart * cfg.iterations + it, total, {"loss": value, "restart": restart + 1})
+                        progress(restart * cfg.iterations + it, total,
+                                 {"loss": value, "restart": restart + 1, "iteration": it})
                 if snapshot is not None and snapshot_every and it % snapshot_every == 0:
                     snapshot(restart, it, images.detach().clone())
-            # Rank the restart by its objective at the final (projected) images: the attack's own loss.
-            final_labels = label_value().detach()
-            final = float(self.objective(images.detach(), final_labels).detach())
-            if not math.isfinite(final) or not bool(torch.isfinite(images).all()):
+                if reason:
+                    stopped = reason
+                    break
+            done += it
+            # Rank the restart by its objective at its best iterate: the attack's own loss.
+            final_values = [v.detach() for v in variables]
+            final = float(self.objective(images.detach(), label_value(final_values).detach()).detach())
+            if not final <= float(best_loss):  # the final projected images, unless an earlier iterate was lower
+                final, final_values = float(best_loss), best_values
+            if not math.isfinite(final) or not bool(torch.isfinite(final_values[0]).all()):
                 final = math.inf  # a diverged restart never wins
             restart_losses.append(final)
             if best is None or final < best[0]:
-                best = (final, images.detach().clone(), final_labels.clone())
+                best = (final, final_values[0].clone(), label_value(final_values).detach().clone())
+            if stopped:
+                break
         assert best is not None
         if not math.isfinite(best[0]):
             raise AttackError("the optimisation diverged in every restart (non-finite objective); try a smaller learning rate")
         return MatchOutcome(images=best[1], labels=best[2], loss=best[0], restart_losses=restart_losses,
-                            history=history)
+                            history=history, stopped=stopped, iterations_done=done)
 
 
 def labels_from_counts(counts: torch.Tensor, num_samples: int, label_smoothing_eps: float = 0.0) -> torch.Tensor:
