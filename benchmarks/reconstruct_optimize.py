@@ -193,6 +193,143 @@ def timing(update, truth, iterations: int, repeats: int, tv: float):
     return statistics.median(naive), statistics.median(ours)
 
 
+# --------------------------------------------------------------------------- quality against time
+
+# Settings compared by the curve part; iterations are a ceiling (the CPU cap stops the run).
+CURVE_CONFIGS = {
+    "lbfgs-l2": {"optimizer": "lbfgs", "distance": "l2", "tv": 0.0, "line_search": True, "iterations": 1_000_000},
+    "lbfgs-cosine": {"optimizer": "lbfgs", "distance": "cosine", "tv": 1e-2, "line_search": True,
+                     "iterations": 1_000_000},
+    "adam-cosine-4800": {"optimizer": "adam", "distance": "cosine", "tv": 1e-2, "iterations": 4800},
+    "adam-signed-2000": {"optimizer": "adam", "distance": "cosine", "tv": 1e-2, "signed": True, "iterations": 2000},
+    "adam-signed-400": {"optimizer": "adam", "distance": "cosine", "tv": 1e-2, "signed": True, "iterations": 400},
+}
+
+
+def curve_points(update, truth, labels_file, options: dict, cap: float, every: int) -> list[dict]:
+    """PSNR / SSIM of the current images every ``every`` iterations against the seconds
+    spent (process CPU and wall, scoring excluded), until ``cap`` CPU seconds; the last
+    point is the result the command would write (its best iterate)."""
+    from gitool.reconstruct_optimize import reconstruct_optimize
+
+    points: list[dict] = []
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    spent = [0.0, 0.0]  # scoring time, excluded
+
+    def clock() -> tuple[float, float]:
+        return time.perf_counter() - wall0 - spent[0], time.process_time() - cpu0 - spent[1]
+
+    def snap(restart: int, iteration: int, images: torch.Tensor) -> None:
+        w, c = time.perf_counter(), time.process_time()
+        wall, cpu = clock()
+        scores = score_images(images.to(torch.float64).clamp(0, 1), truth.images)
+        points.append({"iteration": iteration, "wall_s": wall, "cpu_s": cpu, "psnr": scores["psnr"],
+                       "ssim": scores["ssim"]})
+        spent[0] += time.perf_counter() - w
+        spent[1] += time.process_time() - c
+
+    def stop() -> str | None:
+        return "cap" if clock()[1] >= cap else None
+
+    out = reconstruct_optimize(update, {**options, "save_every": every, "report_every": every}, labels_file,
+                               snapshot=snap, stop=stop)
+    wall, cpu = clock()
+    scores = score_images(out.images, truth.images)
+    points.append({"iteration": out.diagnostics["iterations_done"], "wall_s": wall, "cpu_s": cpu,
+                   "psnr": scores["psnr"], "ssim": scores["ssim"], "final": True})
+    return points
+
+
+def at_time(points: list[dict], seconds: float, clock: str = "cpu_s") -> dict | None:
+    """The last point reached within ``seconds``."""
+    reached = [p for p in points if p[clock] <= seconds]
+    return reached[-1] if reached else None
+
+
+def curve_table(runs: dict[str, list[list[dict]]], grid: list[float], clock: str = "cpu_s") -> list[str]:
+    """Markdown rows: per setting and time, the median PSNR / SSIM over the images (and how
+    many images had a point by then)."""
+    lines = ["| setting | seconds | median PSNR (dB) | median SSIM | images |", "|---|---|---|---|---|"]
+    for name, images in runs.items():
+        for seconds in grid:
+            reached = [p for p in (at_time(points, seconds, clock) for points in images) if p is not None]
+            if not reached:
+                lines.append(f"| {name} | {seconds:g} | - | - | 0/{len(images)} |")
+                continue
+            psnr_ = statistics.median(p["psnr"] for p in reached)
+            ssim_ = statistics.median(p["ssim"] for p in reached)
+            lines.append(f"| {name} | {seconds:g} | {psnr_:.2f} | {ssim_:.3f} | {len(reached)}/{len(images)} |")
+    return lines
+
+
+def plot_curves(runs: dict[str, list[list[dict]]], grid: list[float], path: str, title: str) -> None:
+    """Median PSNR (solid) and SSIM (dashed, right axis) against CPU seconds, one colour per setting."""
+    from gitool.atomic import write_atomic
+    from gitool.plotting import figure_png, new_figure
+
+    fig, axis = new_figure(8, 4.5)
+    right = axis.twinx()
+    for index, (name, images) in enumerate(runs.items()):
+        colour = f"C{index}"
+        xs, ps, ss = [], [], []
+        for seconds in grid:
+            reached = [p for p in (at_time(points, seconds) for points in images) if p is not None]
+            if len(reached) == len(images):
+                xs.append(seconds)
+                ps.append(statistics.median(p["psnr"] for p in reached))
+                ss.append(statistics.median(p["ssim"] for p in reached))
+        axis.plot(xs, ps, color=colour, label=f"{name} PSNR")
+        right.plot(xs, ss, color=colour, linestyle="--", label=f"{name} SSIM")
+    axis.set_xlabel("CPU seconds, one thread (= wall seconds on a quiet machine)")
+    axis.set_ylabel("median PSNR (dB), solid")
+    right.set_ylabel("median SSIM, dashed")
+    axis.set_title(title, fontsize=9)
+    axis.grid(True, alpha=0.3)
+    handles = axis.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    axis.legend(handles=handles, fontsize=7, loc="lower right")
+    write_atomic(path, figure_png(fig))
+
+
+def run_curves(model: str, spec: ModelSpec, configs: list[str], images: int, data: str, cap: float, every: int,
+               record: str | None, grid: list[float], png: str | None, init: str = "uniform",
+               mode: str = "train", threads: int = 1) -> None:
+    import os
+
+    runs: dict[str, list[list[dict]]] = {}
+    rounds = [client_round(spec, FAMILIES["smoothing"], seed, data, init, mode) for seed in range(images)]
+    for name in configs:
+        options = {**CURVE_CONFIGS[name], "device": "cpu"}
+        settings = {"part": "curve", **options, "cap": cap, "every": every, "data": data, "init": init,
+                    "mode": mode, "threads": threads}
+        store = Record(record, settings)
+        runs[name] = []
+        for index, (update, truth) in enumerate(rounds):
+            key = (model, name, index)
+            cached = store.get(key)
+            if cached is None:
+                labels, note = label_rows(update, truth, "recovered")
+                if isinstance(labels, str):
+                    raise SystemExit(f"recovered labels unavailable: {note}")
+                labels_file = new_result("labels", {"labels": labels}, method="lambda", update=update)
+                load = os.getloadavg()[0]
+                points = curve_points(update, truth, labels_file, options, cap, every)
+                cached = {"points": points, "load_before": load, "load_after": os.getloadavg()[0]}
+                store.add(key, cached)
+                last = points[-1]
+                print(f"  {model} {name} image {index}: {last['psnr']:.2f} dB, SSIM {last['ssim']:.3f} after "
+                      f"{last['iteration']} iterations, {last['cpu_s']:.1f} CPU s, {last['wall_s']:.1f} wall s, load "
+                      f"{load:.2f}-{cached['load_after']:.2f}", flush=True)
+            runs[name].append(cached["points"])
+    print(f"\n{model}: median over {images} images, recovered soft labels, data {data}, seconds of process CPU time "
+          f"(one thread; on a quiet machine the wall time)\n")
+    print("\n".join(curve_table(runs, grid)))
+    print("\nthe same against wall seconds on this (shared) machine\n")
+    print("\n".join(curve_table(runs, grid, "wall_s")))
+    if png:
+        plot_curves(runs, grid, png, f"{model}, {images} images ({data}), recovered soft labels")
+        print(f"\nwrote {png}")
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -227,6 +364,12 @@ def main() -> None:
     parser.add_argument("--timing-iterations", type=int, default=200)
     parser.add_argument("--timing-repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--curve-configs", default="lbfgs-l2,adam-cosine-4800",
+                        help=f"settings for the curve parts (lenet-curve, resnet-curve): {', '.join(CURVE_CONFIGS)}")
+    parser.add_argument("--curve-cap", type=float, default=60.0, help="CPU seconds per image for the curves")
+    parser.add_argument("--curve-every", type=int, default=5, help="iterations between curve points")
+    parser.add_argument("--curve-grid", default="2,5,10,15,20,30,45,60", help="seconds the table reports")
+    parser.add_argument("--curve-png", default=None, help="PNG of the curves (median PSNR / SSIM vs seconds)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -234,6 +377,16 @@ def main() -> None:
     options = {"iterations": args.iterations, "tv": args.tv, "report_every": 100, "device": args.device,
                "optimizer": args.optimizer, "distance": args.distance, "line_search": args.line_search}
     parts = set(args.parts.split(","))
+    grid = [float(x) for x in args.curve_grid.split(",")]
+    if "lenet-curve" in parts:
+        run_curves("LeNet", ModelSpec(name="lenet", num_classes=100, input_shape=(3, 32, 32)),
+                   args.curve_configs.split(","), args.images, args.data, args.curve_cap, args.curve_every,
+                   args.record, grid, args.curve_png, threads=args.threads)
+    if "resnet-curve" in parts:
+        run_curves("ResNet-18 eval", ModelSpec(name="resnet18", num_classes=100, input_shape=(3, 32, 32),
+                                               options={"width": str(args.resnet_width)}),
+                   args.curve_configs.split(","), args.resnet_images, args.data, args.curve_cap, args.curve_every,
+                   args.record, grid, args.curve_png, init=args.resnet_init, mode="eval", threads=args.threads)
     record = Record(args.record, {**{k: v for k, v in options.items() if k != "report_every"}, "data": args.data})
     lenet = ModelSpec(name="lenet", num_classes=100, input_shape=(3, 32, 32))
     search = "strong Wolfe" if args.line_search else "none"

@@ -136,7 +136,7 @@ class OptimizeOptions:
         check_fields(self, "options")
 
 
-def stop_rule(time_budget: float, started: float):
+def stop_rule(time_budget: float, started: float, also=None):
     """should_stop for the matcher: ``"budget"`` once ``time_budget`` seconds (0: never)
     have passed since ``started`` (time.monotonic), ``"interrupted"`` after a deferred
     SIGINT / SIGTERM."""
@@ -147,15 +147,16 @@ def stop_rule(time_budget: float, started: float):
     def should_stop() -> str | None:
         if deadline is not None and time.monotonic() >= deadline:
             return "budget"
-        return interrupts.requested()
+        return interrupts.requested() or (also() if also is not None else None)
 
     return should_stop
 
 
 def reconstruct_optimize(update, options, labels=None, features=None, progress=None,
-                         snapshot=None) -> ReconOutcome:
-    """``snapshot(restart, iteration, images)`` (library callers, e.g. the benchmark) is
-    called every ``save_every`` iterations instead of writing PNGs."""
+                         snapshot=None, stop=None) -> ReconOutcome:
+    """Library callers (e.g. the benchmark) may pass ``snapshot(restart, iteration, images)``,
+    called every ``save_every`` iterations instead of writing PNGs, and ``stop()``, a further
+    stopping rule returning a reason or None."""
     started = time.monotonic()
     options = dict(options) if isinstance(options, dict) else asdict(options)
     time_budget = float(options.get("time_budget") or 0.0)
@@ -214,7 +215,7 @@ def reconstruct_optimize(update, options, labels=None, features=None, progress=N
 
     outcome = matcher.run(update.input.shape, device=device, dtype=dtype, progress=progress,
                           snapshot=snapshot, snapshot_every=save_every,
-                          should_stop=stop_rule(time_budget, started))
+                          should_stop=stop_rule(time_budget, started, stop))
     label_source = "jointly optimised (DLG)" if y is None else "fixed from the labels file"
     diagnostics = {
         "loss": outcome.loss,
