@@ -285,6 +285,41 @@ class GradientMatcher:
             loss = loss + self.config.tv * total_variation(images)
         return loss
 
+    # ------------------------------------------------------------------ restarts together
+
+    def batchable(self) -> bool:
+        """Whether the restarts can run together (one vmap over a restart dimension): Adam
+        (elementwise, so R stacked runs are R independent ones; L-BFGS's dot products would
+        couple them), one gradient step, the g terms, and no module that draws randomness or
+        updates its buffers in place (train-mode batch norm or dropout)."""
+        if self.config.optimizer != "adam" or self.config.restarts < 2:
+            return False
+        if self.training.kind != "gradient" or self.uses_features or self.config.terms != "g":
+            return False
+        stateful = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd)
+        return not any(isinstance(m, stateful) and m.training for m in self.model.modules())
+
+    def _functional_objective(self) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+        """J(images, label logits or None) of one restart, written with torch.func so that
+        it can be differentiated and vmapped over restarts."""
+        base = {**self.frozen, **self.params}
+        matched = {n: self.params[n] for n in self.matched}
+
+        def objective(images: torch.Tensor, label_logits: torch.Tensor | None) -> torch.Tensor:
+            labels = self.labels if label_logits is None else torch.softmax(label_logits, dim=1)
+            inputs = self.normalize(images)
+
+            def client_loss(trainable):
+                logits = functional_call(self.model, ({**base, **trainable}, self.buffers), (inputs,))
+                return soft_cross_entropy(logits, labels)
+
+            loss = self.gradient_distance(torch.func.grad(client_loss)(matched))
+            if self.config.tv:
+                loss = loss + self.config.tv * total_variation(images)
+            return loss
+
+        return objective
+
     # ------------------------------------------------------------------ optimisation
 
     def run(self, image_shape: Sequence[int], device: torch.device | str = "cpu", dtype=torch.float32,
@@ -298,6 +333,8 @@ class GradientMatcher:
         a reason it returns (e.g. ``"budget"``, ``"interrupted"``) ends the run there: the
         restarts not yet started are skipped and the best iterate so far wins, with the
         reason and the iterations done recorded in the outcome."""
+        if self.batchable():
+            return self._run_together(image_shape, device, dtype, progress, snapshot, snapshot_every, should_stop)
         cfg = self.config
         total = cfg.iterations * cfg.restarts
         best: tuple[float, torch.Tensor, torch.Tensor] | None = None
@@ -384,6 +421,84 @@ class GradientMatcher:
             raise AttackError("the optimisation diverged in every restart (non-finite objective); try a smaller learning rate")
         return MatchOutcome(images=best[1], labels=best[2], loss=best[0], restart_losses=restart_losses,
                             history=history, stopped=stopped, iterations_done=done)
+
+
+    def _run_together(self, image_shape, device, dtype, progress, snapshot, snapshot_every, should_stop
+                      ) -> MatchOutcome:
+        """``run`` for :meth:`batchable` settings: the R restarts stacked on a leading
+        dimension, J and its gradient for all of them by one vmap per iteration, one Adam
+        over the stack (elementwise: R independent runs). Same random starts as one by one."""
+        cfg = self.config
+        r = cfg.restarts
+        joint = self.labels is None
+        starts, logit_starts = [], []
+        for restart in range(r):
+            generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + restart)
+            starts.append(torch.rand((self.num_samples, *image_shape), generator=generator, dtype=dtype))
+            if joint:
+                logit_starts.append(torch.randn((self.num_samples, self.num_classes), generator=generator,
+                                                dtype=dtype))
+        variables = [torch.stack(starts).to(device)]
+        if joint:
+            variables.append(torch.stack(logit_starts).to(device))
+        images = variables[0]
+        objective = self._functional_objective()
+        if joint:
+            value_and_grad = torch.func.vmap(torch.func.grad_and_value(objective, argnums=(0, 1)))
+            evaluate = torch.func.vmap(objective)
+        else:
+            one = torch.func.grad_and_value(lambda x: objective(x, None))
+            value_and_grad = torch.func.vmap(lambda x: (lambda g, v: ((g,), v))(*one(x)))
+            evaluate = torch.func.vmap(lambda x: objective(x, None))
+        optimizer = torch.optim.Adam(variables, lr=cfg.lr)
+        scheduler = paper_schedule(optimizer, cfg.iterations)
+
+        def rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+            return mask.view(-1, *([1] * (like.dim() - 1)))
+
+        best_loss = torch.full((r,), math.inf, dtype=dtype, device=images.device)
+        best_values = [v.clone() for v in variables]
+        history: list[tuple[int, int, float]] = []
+        stopped, it = None, 0
+        while it < cfg.iterations:
+            start_values = [v.clone() for v in variables]
+            grads, losses = value_and_grad(*variables)
+            for variable, grad in zip(variables, grads):
+                variable.grad = grad.sign() if cfg.signed and variable is images else grad
+            optimizer.step()
+            it += 1
+            with torch.no_grad():
+                images.clamp_(0, 1)
+                better = losses < best_loss  # the losses are J at start_values; False for NaN
+                best_loss = torch.where(better, losses, best_loss)
+                best_values = [torch.where(rows(better, s), s, b) for s, b in zip(start_values, best_values)]
+            scheduler.step()
+            reason = should_stop() if should_stop is not None else None
+            if it % cfg.report_every == 0 or it == cfg.iterations or reason:
+                values = losses.tolist()  # the only host sync, once per report
+                history.extend((restart, it, value) for restart, value in enumerate(values))
+                if progress is not None:
+                    progress(it * r, cfg.iterations * r, {"loss": min(values), "restart": f"1-{r}", "iteration": it})
+            if snapshot is not None and snapshot_every and it % snapshot_every == 0:
+                for restart in range(r):
+                    snapshot(restart, it, images[restart].clone())
+            if reason:
+                stopped = reason
+                break
+        with torch.no_grad():
+            finals = evaluate(*variables)
+            use_final = finals <= best_loss  # the final projected images, unless an earlier iterate was lower
+            chosen_loss = torch.where(use_final, finals, best_loss)
+            chosen = [torch.where(rows(use_final, v), v, b) for v, b in zip(variables, best_values)]
+        restart_losses = [value if math.isfinite(value) and bool(torch.isfinite(chosen[0][i]).all()) else math.inf
+                          for i, value in enumerate(chosen_loss.tolist())]
+        winner = min(range(r), key=lambda i: restart_losses[i])  # the first of equal losses, as one by one
+        if not math.isfinite(restart_losses[winner]):
+            raise AttackError("the optimisation diverged in every restart (non-finite objective); try a smaller learning rate")
+        labels = self.labels if not joint else torch.softmax(chosen[1][winner], dim=1)
+        return MatchOutcome(images=chosen[0][winner].clone(), labels=labels.detach().clone(),
+                            loss=restart_losses[winner], restart_losses=restart_losses, history=history,
+                            stopped=stopped, iterations_done=it * r)
 
 
 def labels_from_counts(counts: torch.Tensor, num_samples: int, label_smoothing_eps: float = 0.0) -> torch.Tensor:

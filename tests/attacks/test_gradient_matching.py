@@ -190,3 +190,64 @@ def test_a_diverged_run_is_a_clear_error():
         matcher.run(SPEC.shape)
     with pytest.raises(InputError, match="finite"):
         MatchConfig(lr=float("inf")).validate()
+
+
+# --------------------------------------------------------------------------- restarts together, stopping
+
+
+def _matcher(restarts=3, iterations=30, joint=False, **config):
+    model = tiny_mlp()
+    truth = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([[0.85, 0.05, 0.05, 0.05], [0.05, 0.05, 0.85, 0.05]])
+    target = client_gradient(model, truth, labels, SPEC)
+    return GradientMatcher(model, SPEC.normalize, target, ClientTraining("gradient", 2),
+                           MatchConfig(iterations=iterations, restarts=restarts, **config),
+                           labels=None if joint else labels, num_samples=2)
+
+
+@pytest.mark.parametrize("joint", [False, True])
+@pytest.mark.parametrize("signed", [False, True])
+def test_restarts_together_equal_restarts_one_by_one(joint, signed, monkeypatch):
+    together = _matcher(joint=joint, signed=signed)
+    assert together.batchable()
+    out = together.run(SPEC.shape)
+    alone = _matcher(joint=joint, signed=signed)
+    monkeypatch.setattr(alone, "batchable", lambda: False)
+    reference = alone.run(SPEC.shape)
+    # Same starts, same Adam: equal up to the order of float sums (measured within 1e-6).
+    assert out.restart_losses == pytest.approx(reference.restart_losses, rel=1e-3, abs=1e-6)
+    assert torch.allclose(out.images, reference.images, atol=1e-3)
+    assert out.iterations_done == reference.iterations_done == 90
+    assert out.loss == min(out.restart_losses)
+    assert float(together.objective(out.images, out.labels).detach()) == pytest.approx(out.loss, rel=1e-4, abs=1e-7)
+
+
+def test_restarts_together_give_the_same_bytes_for_the_same_seed():
+    first, second = (_matcher(restarts=4, seed=7).run(SPEC.shape) for _ in range(2))
+    assert first.images.numpy().tobytes() == second.images.numpy().tobytes()
+    assert first.restart_losses == second.restart_losses
+
+
+def test_only_elementwise_stateless_settings_run_together():
+    assert not _matcher(restarts=1).batchable()
+    assert not _matcher(optimizer="lbfgs").batchable()
+    bn = _matcher()
+    bn.model = torch.nn.Sequential(torch.nn.BatchNorm2d(3), bn.model).train()
+    assert not bn.batchable()
+    bn.model.eval()
+    assert bn.batchable()
+
+
+@pytest.mark.parametrize("restarts", [1, 3])
+def test_should_stop_ends_the_run_with_the_best_iterate(restarts):
+    matcher = _matcher(restarts=restarts, iterations=1000)
+    calls = []
+
+    def should_stop():
+        calls.append(1)
+        return "budget" if len(calls) >= 12 else None
+
+    out = matcher.run(SPEC.shape, should_stop=should_stop)
+    assert out.stopped == "budget" and out.iterations_done == 12 * restarts
+    assert len(out.restart_losses) == restarts
+    assert out.loss <= min(h[2] for h in out.history) + 1e-9  # never worse than a reported iterate
