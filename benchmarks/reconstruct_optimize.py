@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -174,23 +175,41 @@ def naive_loop(model, normalize, image_shape, target: dict, labels, iterations: 
     return history
 
 
-def timing(update, truth, iterations: int, repeats: int, tv: float):
+def timing(update, truth, iterations: int, repeats: int, tv: float, restarts: int = 4) -> dict[str, float]:
+    """Iterations per CPU second (restart-iterations for several restarts), median of
+    ``repeats``: the straightforward loop (one restart), gitool with one restart, gitool
+    with ``restarts`` restarts one by one and together (batched)."""
     model = update.build_model(dtype=torch.float32)
     target = {n: v.float() for n, v in update.values.items()}
     labels = truth.labels.float()
-    naive, ours = [], []
+    rates: dict[str, list[float]] = {"naive": [], "gitool": [], "sequential": [], "together": []}
+
+    def matcher(r: int) -> GradientMatcher:
+        return GradientMatcher(model, update.input.normalize, target, ClientTraining("gradient", 1),
+                               MatchConfig(iterations=iterations, tv=tv, restarts=r, report_every=50), labels=labels)
+
     # Iterations per CPU second of this process (one thread): wall time on the shared machine
-    # mostly measures the other users. Alternate the two, median of the repeats.
+    # mostly measures the other users. Alternate the variants, median of the repeats.
+    naive_loop(model, update.input.normalize, update.input.shape, target, labels, 5, tv)  # warm-up
     for _ in range(repeats):
         start = time.process_time()
         naive_loop(model, update.input.normalize, update.input.shape, target, labels, iterations, tv)
-        naive.append(iterations / (time.process_time() - start))
-        matcher = GradientMatcher(model, update.input.normalize, target, ClientTraining("gradient", 1),
-                                  MatchConfig(iterations=iterations, tv=tv, report_every=50), labels=labels)
+        rates["naive"].append(iterations / (time.process_time() - start))
         start = time.process_time()
-        matcher.run(update.input.shape)
-        ours.append(iterations / (time.process_time() - start))
-    return statistics.median(naive), statistics.median(ours)
+        matcher(1).run(update.input.shape)
+        rates["gitool"].append(iterations / (time.process_time() - start))
+        one_by_one = matcher(restarts)
+        one_by_one.batchable = lambda: False
+        start = time.process_time()
+        one_by_one.run(update.input.shape)
+        rates["sequential"].append(iterations * restarts / (time.process_time() - start))
+        together = matcher(restarts)
+        if not together.batchable():
+            raise SystemExit("this model's restarts cannot run together (train-mode batch norm or dropout)")
+        start = time.process_time()
+        together.run(update.input.shape)
+        rates["together"].append(iterations * restarts / (time.process_time() - start))
+    return {name: statistics.median(values) for name, values in rates.items()}
 
 
 # --------------------------------------------------------------------------- quality against time
@@ -363,6 +382,8 @@ def main() -> None:
                         help="Adam on the sign of the image gradient (Inverting Gradients' code)")
     parser.add_argument("--timing-iterations", type=int, default=200)
     parser.add_argument("--timing-repeats", type=int, default=3)
+    parser.add_argument("--timing-restarts", type=int, default=4, help="restarts for the batched-restart speed")
+    parser.add_argument("--resnet-timing-iterations", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--curve-configs", default="lbfgs-l2,adam-cosine-4800",
                         help=f"settings for the curve parts (lenet-curve, resnet-curve): {', '.join(CURVE_CONFIGS)}")
@@ -438,12 +459,26 @@ def main() -> None:
                 psnr, ssim, n, speed = row
                 print(f"| {name} | {mode} | {source} | g | {psnr:.2f} | {ssim:.3f} | {n} | {speed:.2f} |", flush=True)
 
+    if "timing" in parts or "resnet-timing" in parts:
+        print(f"\nSpeed, Adam, cosine, terms g, tv {args.tv:g}, median of {args.timing_repeats}, iterations per CPU "
+              f"second of one thread (restart-iterations for R > 1; load average {os.getloadavg()[0]:.2f})\n")
+        print("| model | iterations | straightforward loop | gitool R=1 | gitool R={0} one by one | gitool R={0} together "
+              "| R=1 / loop | together / loop | together / one by one |".format(args.timing_restarts))
+        print("|---|---|---|---|---|---|---|---|---|")
+    rows = []
     if "timing" in parts:
         update, truth = client_round(lenet, FAMILIES["smoothing"], 0, args.data)
-        naive, ours = timing(update, truth, args.timing_iterations, args.timing_repeats, args.tv)
-        print(f"\nSpeed, LeNet, Adam, terms g, tv {args.tv:g}, {args.timing_iterations} iterations, median of "
-              f"{args.timing_repeats}, per CPU second: straightforward loop {naive:.1f} it/s, gitool {ours:.1f} "
-              f"it/s ({ours / naive:.2f}x)")
+        rows.append(("LeNet 32x32", args.timing_iterations, update, truth))
+    if "resnet-timing" in parts:
+        resnet = ModelSpec(name="resnet18", num_classes=100, input_shape=(3, 32, 32),
+                           options={"width": str(args.resnet_width)})
+        update, truth = client_round(resnet, FAMILIES["smoothing"], 0, args.data, args.resnet_init, "eval")
+        rows.append((f"ResNet-18 w{args.resnet_width} eval", args.resnet_timing_iterations, update, truth))
+    for name, iterations, update, truth in rows:
+        r = timing(update, truth, iterations, args.timing_repeats, args.tv, args.timing_restarts)
+        print(f"| {name} | {iterations} | {r['naive']:.1f} | {r['gitool']:.1f} | {r['sequential']:.1f} | "
+              f"{r['together']:.1f} | {r['gitool'] / r['naive']:.2f}x | {r['together'] / r['naive']:.2f}x | "
+              f"{r['together'] / r['sequential']:.2f}x |", flush=True)
     for source, note in pending.items():
         print(f"pending: labels '{source}': {note}")
 
