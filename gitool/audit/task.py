@@ -30,7 +30,8 @@ EVIDENCE_KEYS = {
     "labels": ("family", "target", "confidence", "label_smoothing", "mixup_coef", "mixup_classes", "residual",
                "loss", "converged", "ambiguous", "refinement_rounds", "aux_size", "num_samples"),
     "features": ("residual", "norm", "tolerance"),
-    "reconstruction": ("classifier_residual", "flagged_layers", "loss", "chosen_restart", "labels"),
+    "reconstruction": ("classifier_residual", "flagged_layers", "loss", "chosen_restart", "labels", "stopped",
+                       "iterations_done"),
 }
 # Options that change where a result is computed, not what it is: a result made with
 # another value is still valid.

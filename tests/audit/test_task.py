@@ -203,3 +203,16 @@ def test_one_model_build_per_process_and_the_recording_names_client_and_round(tm
     assert built == ["lenet"]
     assert [(r["client"], r["round"]) for r in records] == [("site-0", 7), ("site-1", 7), ("site-2", 7)]
     assert all(attacks(r)["reconstruct", "conv"]["scores"]["psnr"] > 200 for r in records)
+
+
+def test_optimize_in_an_audit_stops_at_its_time_budget(federated_run, tmp_path):
+    """--time-budget reaches the optimize method (default OPTIMIZE_BUDGET when not given) and
+    the record keeps why and after how many iterations it stopped."""
+    from gitool.audit.run import OPTIMIZE_BUDGET
+
+    items, settings = prepare([federated_run / "round-1" / "0000.update.safetensors"], tmp_path / "d", "optimize")
+    assert settings.options["time_budget"] == OPTIMIZE_BUDGET
+    record = audit(federated_run / "round-1" / "0000.update.safetensors", tmp_path / "out", "labels,optimize",
+                   time_budget=1.0).records[0]
+    evidence = attacks(record)["reconstruct", "optimize"]["evidence"]
+    assert evidence["stopped"] == "budget" and evidence["iterations_done"] >= 1
