@@ -225,7 +225,8 @@ CURVE_CONFIGS = {
 }
 
 
-def curve_points(update, truth, labels_file, options: dict, cap: float, every: int) -> list[dict]:
+def curve_points(update, truth, labels_file, options: dict, cap: float, every: int, plateau: bool = True
+                 ) -> list[dict]:
     """PSNR / SSIM of the current images every ``every`` iterations against the seconds
     spent (process CPU and wall, scoring excluded), until ``cap`` CPU seconds; the last
     point is the result the command would write (its best iterate)."""
@@ -247,20 +248,30 @@ def curve_points(update, truth, labels_file, options: dict, cap: float, every: i
         spent[0] += time.perf_counter() - w
         spent[1] += time.process_time() - c
 
+    losses: list[float] = []
+
     def stop() -> str | None:
-        return "cap" if clock()[1] >= cap else None
+        if clock()[1] >= cap:
+            return "cap"
+        # Converged: the objective moved less than 0.1 % over the last 8 reports (every
+        # later point would equal the last one; the curve keeps its value to the cap).
+        if plateau and len(losses) >= 9 and abs(losses[-9] - losses[-1]) <= 1e-3 * abs(losses[-9]):
+            return "plateau"
+        return None
 
     out = reconstruct_optimize(update, {**options, "save_every": every, "report_every": every}, labels_file,
-                               snapshot=snap, stop=stop)
+                               progress=lambda done, total, info: losses.append(info["loss"]), snapshot=snap,
+                               stop=stop)
     wall, cpu = clock()
     scores = score_images(out.images, truth.images)
     points.append({"iteration": out.diagnostics["iterations_done"], "wall_s": wall, "cpu_s": cpu,
-                   "psnr": scores["psnr"], "ssim": scores["ssim"], "final": True})
+                   "psnr": scores["psnr"], "ssim": scores["ssim"], "final": True,
+                   "stopped": out.diagnostics["stopped"]})
     return points
 
 
 def at_time(points: list[dict], seconds: float, clock: str = "cpu_s") -> dict | None:
-    """The last point reached within ``seconds``."""
+    """The last point reached within ``seconds`` (a run that ended earlier keeps its result)."""
     reached = [p for p in points if p[clock] <= seconds]
     return reached[-1] if reached else None
 
@@ -319,7 +330,7 @@ def run_curves(model: str, spec: ModelSpec, configs: list[str], images: int, dat
     for name in configs:
         options = {**CURVE_CONFIGS[name], "device": "cpu"}
         settings = {"part": "curve", **options, "cap": cap, "every": every, "data": data, "init": init,
-                    "mode": mode, "threads": threads}
+                    "mode": mode, "threads": threads, "plateau": "0.1% over 8 reports"}
         store = Record(record, settings)
         runs[name] = []
         for index, (update, truth) in enumerate(rounds):
