@@ -635,27 +635,30 @@ def reconstruct(
                                "exceeds this counts as rank-deficient.")] = 1e8,
     dense_limit: Annotated[int, typer.Option("--dense-limit", help="Largest dense system (unknowns) before "
                            "--solver auto switches to the iterative solver.")] = 4096,
-    distance: Annotated[str, typer.Option("--distance", help="optimize: cosine (Inverting Gradients, over all "
-                        "layers) | l2 (DLG).", rich_help_panel="--method optimize")] = "cosine",
-    tv: Annotated[float, typer.Option("--tv", help="optimize: total-variation weight (paper: 1e-2 untrained, "
-                  "1e-3 trained).", rich_help_panel="--method optimize")] = 1e-2,
+    distance: Annotated[Optional[str], typer.Option("--distance", help="optimize: cosine (Inverting Gradients, "
+                        "over all layers) | l2 (DLG). Default: l2 for a model without batch norm, cosine with.",
+                        rich_help_panel="--method optimize")] = None,
+    tv: Annotated[Optional[float], typer.Option("--tv", help="optimize: total-variation weight (paper: 1e-2 "
+                  "untrained, 1e-3 trained). Default: 0 without batch norm, 1e-2 with.",
+                  rich_help_panel="--method optimize")] = None,
     terms: Annotated[str, typer.Option("--terms", help="optimize: g (every gradient) | f (the feature term "
                      "instead of the last-layer weight gradient) | gf (both).",
                      rich_help_panel="--method optimize")] = "g",
     feature_weight: Annotated[float, typer.Option("--feature-weight", help="optimize: weight f of the feature "
                               "term.", rich_help_panel="--method optimize")] = 1.0,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="optimize: adam (lr x 0.1 at 3/8, 5/8, 7/8) | "
-                         "lbfgs (20 inner steps per iteration, strong-Wolfe line search).",
-                         rich_help_panel="--method optimize")] = "adam",
+    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="optimize: adam (lr x 0.1 at 3/8, 5/8, "
+                         "7/8) | lbfgs (20 inner steps per iteration, strong-Wolfe line search). Default (chosen by "
+                         "benchmark): lbfgs for a model without batch norm, adam with.",
+                         rich_help_panel="--method optimize")] = None,
     iterations: Annotated[Optional[int], typer.Option("--iterations", help="optimize: iterations per restart "
-                          "(default 4800 adam, 300 lbfgs).", rich_help_panel="--method optimize")] = None,
+                          "(default 2000 adam, 200 lbfgs).", rich_help_panel="--method optimize")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="optimize: step size (default 0.1 adam, 1 lbfgs).",
                   rich_help_panel="--method optimize")] = None,
     restarts: Annotated[int, typer.Option("--restarts", help="optimize: random starts; the lowest objective wins "
                         "(never the truth).", rich_help_panel="--method optimize")] = 1,
-    signed: Annotated[bool, typer.Option("--signed", help="optimize: Adam steps on the sign of the image gradient "
-                      "(Inverting Gradients' code; what makes eval-mode ResNet-18 work).",
-                      rich_help_panel="--method optimize")] = False,
+    signed: Annotated[Optional[bool], typer.Option("--signed/--no-signed", help="optimize: Adam steps on the sign "
+                      "of the image gradient (Inverting Gradients' code; what makes eval-mode ResNet-18 work). "
+                      "Default: on for a model with batch norm.", rich_help_panel="--method optimize")] = None,
     line_search: Annotated[bool, typer.Option("--line-search/--no-line-search", help="optimize: L-BFGS with a "
                            "strong-Wolfe line search (off: DLG's plain steps).",
                            rich_help_panel="--method optimize")] = True,

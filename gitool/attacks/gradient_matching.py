@@ -119,6 +119,14 @@ class MatchOutcome:
     iterations_done: int = 0  # iterations run, summed over the restarts
 
 
+class _Stop(Exception):
+    """should_stop() answered inside an L-BFGS iteration."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
 def total_variation(images: torch.Tensor) -> torch.Tensor:
     """Mean absolute difference between vertically and horizontally adjacent pixels."""
     dy = (images[:, :, 1:, :] - images[:, :, :-1, :]).abs().mean()
@@ -366,7 +374,16 @@ class GradientMatcher:
                 scheduler = None
             signed = cfg.signed and cfg.optimizer == "adam"
 
+            evaluations = [0]
+
             def closure():
+                # An L-BFGS iteration is many evaluations: stop between them too (the step's
+                # partial state is dropped for the best iterate kept below).
+                if cfg.optimizer == "lbfgs" and evaluations[0] and should_stop is not None:
+                    reason = should_stop()
+                    if reason:
+                        raise _Stop(reason)
+                evaluations[0] += 1
                 loss = self.objective(images, label_value())
                 # Gradients for the optimised variables only: loss.backward() would also
                 # accumulate (unused) second-order gradients into every model parameter.
@@ -382,7 +399,17 @@ class GradientMatcher:
             it = 0
             while it < cfg.iterations:
                 start_values = [v.detach().clone() for v in variables]
-                last = optimizer.step(closure)
+                evaluations[0] = 0
+                try:
+                    last = optimizer.step(closure)
+                except _Stop as stop:  # inside an L-BFGS iteration: keep what the evaluations found
+                    with torch.no_grad():
+                        images.clamp_(0, 1)
+                    stopped = stop.reason
+                    if progress is not None and last is not None:
+                        progress(restart * cfg.iterations + it, total,
+                                 {"loss": float(last.detach()), "restart": restart + 1, "iteration": it})
+                    break
                 it += 1
                 with torch.no_grad():
                     images.clamp_(0, 1)  # box constraint: projection onto [0, 1]
