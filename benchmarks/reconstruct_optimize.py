@@ -322,7 +322,7 @@ def plot_curves(runs: dict[str, list[list[dict]]], grid: list[float], path: str,
 
 def run_curves(model: str, spec: ModelSpec, configs: list[str], images: int, data: str, cap: float, every: int,
                record: str | None, grid: list[float], png: str | None, init: str = "uniform",
-               mode: str = "train", threads: int = 1) -> None:
+               mode: str = "train", threads: int = 1, plateau: bool = True) -> None:
     import os
 
     runs: dict[str, list[list[dict]]] = {}
@@ -330,7 +330,7 @@ def run_curves(model: str, spec: ModelSpec, configs: list[str], images: int, dat
     for name in configs:
         options = {**CURVE_CONFIGS[name], "device": "cpu"}
         settings = {"part": "curve", **options, "cap": cap, "every": every, "data": data, "init": init,
-                    "mode": mode, "threads": threads, "plateau": "0.1% over 8 reports"}
+                    "mode": mode, "threads": threads, "plateau": "0.1% over 8 reports" if plateau else None}
         store = Record(record, settings)
         runs[name] = []
         for index, (update, truth) in enumerate(rounds):
@@ -342,7 +342,7 @@ def run_curves(model: str, spec: ModelSpec, configs: list[str], images: int, dat
                     raise SystemExit(f"recovered labels unavailable: {note}")
                 labels_file = new_result("labels", {"labels": labels}, method="lambda", update=update)
                 load = os.getloadavg()[0]
-                points = curve_points(update, truth, labels_file, options, cap, every)
+                points = curve_points(update, truth, labels_file, options, cap, every, plateau)
                 cached = {"points": points, "load_before": load, "load_after": os.getloadavg()[0]}
                 store.add(key, cached)
                 last = points[-1]
@@ -401,6 +401,8 @@ def main() -> None:
     parser.add_argument("--curve-cap", type=float, default=60.0, help="CPU seconds per image for the curves")
     parser.add_argument("--curve-every", type=int, default=5, help="iterations between curve points")
     parser.add_argument("--curve-grid", default="2,5,10,15,20,30,45,60", help="seconds the table reports")
+    parser.add_argument("--curve-plateau", action=argparse.BooleanOptionalAction, default=True,
+                        help="end a run whose objective moved < 0.1%% over 8 reports (converged)")
     parser.add_argument("--curve-png", default=None, help="PNG of the curves (median PSNR / SSIM vs seconds)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -413,12 +415,13 @@ def main() -> None:
     if "lenet-curve" in parts:
         run_curves("LeNet", ModelSpec(name="lenet", num_classes=100, input_shape=(3, 32, 32)),
                    args.curve_configs.split(","), args.images, args.data, args.curve_cap, args.curve_every,
-                   args.record, grid, args.curve_png, threads=args.threads)
+                   args.record, grid, args.curve_png, threads=args.threads, plateau=args.curve_plateau)
     if "resnet-curve" in parts:
         run_curves("ResNet-18 eval", ModelSpec(name="resnet18", num_classes=100, input_shape=(3, 32, 32),
                                                options={"width": str(args.resnet_width)}),
                    args.curve_configs.split(","), args.resnet_images, args.data, args.curve_cap, args.curve_every,
-                   args.record, grid, args.curve_png, init=args.resnet_init, mode="eval", threads=args.threads)
+                   args.record, grid, args.curve_png, init=args.resnet_init, mode="eval", threads=args.threads,
+                   plateau=args.curve_plateau)
     record = Record(args.record, {**{k: v for k, v in options.items() if k != "report_every"}, "data": args.data})
     lenet = ModelSpec(name="lenet", num_classes=100, input_shape=(3, 32, 32))
     search = "strong Wolfe" if args.line_search else "none"
