@@ -50,6 +50,8 @@ from gitool.models import last_linear
 DISTANCES = ("cosine", "l2")
 TERMS = ("g", "f", "gf")
 OPTIMIZERS = ("adam", "lbfgs")
+# Restarts run together (vmapped) only for models with at most this many parameters.
+TOGETHER_PARAMETER_LIMIT = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -298,11 +300,16 @@ class GradientMatcher:
     def batchable(self) -> bool:
         """Whether the restarts can run together (one vmap over a restart dimension): Adam
         (elementwise, so R stacked runs are R independent ones; L-BFGS's dot products would
-        couple them), one gradient step, the g terms, and no module that draws randomness or
-        updates its buffers in place (train-mode batch norm or dropout)."""
+        couple them), one gradient step, the g terms, no module that draws randomness or
+        updates its buffers in place (train-mode batch norm or dropout), and a small model:
+        batching pays where per-operation overhead dominates (LeNet: 1.5x-1.8x the
+        restart-iterations per second of one by one), not where the convolutions do
+        (ResNet-18, 11M parameters: 0.6x; benchmarks/results/reconstruct_optimize_curve_2026-12-02.md)."""
         if self.config.optimizer != "adam" or self.config.restarts < 2:
             return False
         if self.training.kind != "gradient" or self.uses_features or self.config.terms != "g":
+            return False
+        if sum(p.numel() for p in self.model.parameters()) > TOGETHER_PARAMETER_LIMIT:
             return False
         stateful = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd)
         return not any(isinstance(m, stateful) and m.training for m in self.model.modules())

@@ -238,6 +238,15 @@ def test_only_elementwise_stateless_settings_run_together():
     assert bn.batchable()
 
 
+def test_a_large_model_runs_its_restarts_one_by_one(monkeypatch):
+    import gitool.attacks.gradient_matching as gm
+
+    matcher = _matcher()
+    assert matcher.batchable()
+    monkeypatch.setattr(gm, "TOGETHER_PARAMETER_LIMIT", 100)  # the tiny MLP has 3,588
+    assert not matcher.batchable()
+
+
 @pytest.mark.parametrize("restarts", [1, 3])
 def test_should_stop_ends_the_run_with_the_best_iterate(restarts):
     matcher = _matcher(restarts=restarts, iterations=1000)
