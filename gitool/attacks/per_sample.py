@@ -1,0 +1,261 @@
+"""Per-sample labels, softmax outputs and features of a one-step batch gradient.
+
+Symbols (docs/analytic.md, "Per-sample labels and features of a batch"): the classifier is
+z = W x + b with W (K x d) and bias b (K, or none); the client's batch has B samples with
+last-layer inputs X (B x d, row n is x_n), labels Y (B x K, row y_n) and softmax outputs
+P (B x K, p_n = softmax(W x_n + b)). The mean cross-entropy of one step gives
+
+    G = dL/dW = Delta^T X,   g = dL/db = Delta^T 1,   Delta = (P - Y) / B   (B x K).
+
+Every row of Delta sums to zero, so rank(Delta) <= K - 1, and when Delta and X have rank B
+the row space of G is the span of the B features. With the SVD G = U S V^T truncated to
+rank B, X = C V^T for one unknown B x B matrix C (row n: the coordinates c_n of x_n), and
+
+    M = G V = Delta^T C = (P(C) - Y)^T C / B,   p_n = softmax(W V c_n + b).
+
+Given the labels this is K B equations (K more with the bias) in the B^2 entries of C; the
+one scalar per sample that the single-sample lambda method searches (x_n scaled by s_n,
+delta_n by 1/s_n) is fixed here too by the label prior, because softmax is not scale-free.
+The labels themselves: the orthogonal complement T of col(G) = span{delta_n} contains the
+all-ones vector and, for hard distinct labels, e_k has (nearly) no component in T minus 1
+exactly for the classes k of the batch (instance-wise label restoration in the manner of
+iLRG, Wang et al. 2023); with a bias, g ranks the classes as well. Each candidate label set
+is seeded by a fixed point (P from the current C, then C by least squares) and finished by
+Levenberg-Marquardt on all equations; a candidate counts only when its relative residual
+reaches the data's precision, so a wrong label set is refused, never returned.
+
+Refusals (:class:`AttackError`, naming the condition): B > K - 1, rank(G) < B (two samples
+with equal label and parallel feature, or d < B), rank(G) > B (not one step of B samples),
+no label set among the candidates reaches the residual limit (repeated labels that cannot
+be separated, mixup, or a soft label of another kind).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from gitool.attacks.errors import AttackError, InputError
+
+FAMILIES = ("hard", "smoothing")
+RESIDUAL_FACTOR = 1e4  # a candidate is accepted at a relative residual <= this x the data's precision
+
+
+@dataclass
+class PerSampleRecovery:
+    labels: torch.Tensor  # B x K, rows in the order of ``features`` and ``softmax``
+    softmax: torch.Tensor  # B x K
+    features: torch.Tensor  # B x d
+    classes: list[int]
+    label_smoothing: float
+    rank: int
+    singular_values: list[float]
+    residual: float  # ||(P - Y)^T X / B - G|| / ||G|| (and the bias equations when there is a bias)
+    residual_limit: float
+    iterations: int
+    candidates_tried: int
+    repeated: list[int] = field(default_factory=list)
+    tried: list[dict] = field(default_factory=list)
+
+
+def numerical_rank(singular: torch.Tensor, precision: float, shape: tuple[int, int]) -> int:
+    """Singular values above max(K, d) x precision x the largest one count."""
+    if singular.numel() == 0 or float(singular[0]) == 0.0:
+        return 0
+    limit = float(singular[0]) * precision * max(shape) * 10
+    return int((singular > limit).sum())
+
+
+def class_scores(weight_grad: torch.Tensor, batch: int) -> torch.Tensor:
+    """||Pi_T' e_k||^2 per class k, T' the complement of col(G) without the all-ones
+    direction: about 0 for the batch's classes, about (K - B - 1)/(K - B) for the others."""
+    k = weight_grad.shape[0]
+    u, _, _ = torch.linalg.svd(weight_grad, full_matrices=True)
+    complement = u[:, batch:]
+    return (complement ** 2).sum(1) - 1.0 / k
+
+
+def candidate_sets(scores: torch.Tensor | None, bias_grad: torch.Tensor | None, batch: int, k: int,
+                   limit: int) -> list[tuple[int, ...]]:
+    """Label multisets to try, most plausible first: the B best-ranked classes (subspace
+    scores, then the bias gradient), then sets with one class repeated."""
+    rankings = []
+    if scores is not None and k - batch >= 2:
+        rankings.append(torch.argsort(scores, stable=True).tolist())
+    if bias_grad is not None:
+        rankings.append(torch.argsort(bias_grad, stable=True).tolist())
+    if not rankings:
+        rankings.append(list(range(k)))
+    seen: list[tuple[int, ...]] = []
+
+    def add(classes):
+        key = tuple(sorted(classes))
+        if len(key) == batch and key not in seen:
+            seen.append(key)
+
+    for ranking in rankings:
+        add(ranking[:batch])
+    for ranking in rankings:  # one repeated class, then two
+        for repeat in itertools.chain(ranking[:batch - 1], ranking[:batch - 1]):
+            add(ranking[:batch - 1] + [repeat])
+        for a, b in itertools.combinations(ranking[:batch - 2], 2) if batch > 2 else ():
+            add(ranking[:batch - 2] + [a, b])
+    if k - batch == 1 and scores is not None and bias_grad is None:  # every set of K - 1 classes fits T alike
+        for missing in range(k):
+            add([c for c in range(k) if c != missing])
+    return seen[:limit]
+
+
+def _targets(classes: tuple[int, ...], k: int, eps: torch.Tensor, dtype) -> torch.Tensor:
+    onehot = torch.zeros(len(classes), k, dtype=dtype)
+    onehot[torch.arange(len(classes)), torch.tensor(classes)] = 1.0
+    return (1 - eps) * onehot + eps / k
+
+
+def _solve(classes, m, a, bias, bias_grad, family, max_iter, limit):
+    """C (B x B) and eps for one label set: fixed point, then Levenberg-Marquardt."""
+    batch, k = len(classes), m.shape[0]
+    dtype = m.dtype
+    offset = bias if bias is not None else torch.zeros(k, dtype=dtype)
+    scale = float(m.norm()) + (float(bias_grad.norm()) if bias_grad is not None else 0.0)
+    eps = torch.zeros((), dtype=dtype)
+    targets = _targets(classes, k, eps, dtype)
+    probs = torch.softmax(offset, 0).expand(batch, k).clone()
+    # symmetry breaking for repeated classes: the j-th copy of a class is seeded a little apart
+    for index, cls in enumerate(classes):
+        copy = sum(1 for c in classes[:index] if c == cls)
+        if copy:
+            probs[index] = torch.softmax(offset + 0.5 * copy * (a[:, copy % batch] / (a[:, copy % batch].norm() + 1e-300)), 0)
+    c = torch.linalg.lstsq((probs - targets).T / batch, m).solution
+    for _ in range(20):  # fixed point: P from C, then C by least squares
+        probs = torch.softmax(c @ a.T + offset, 1)
+        c_new = torch.linalg.lstsq((probs - targets).T / batch, m).solution
+        if float((c_new - c).norm()) <= 1e-3 * float(c.norm()):
+            c = c_new
+            break
+        c = c_new
+    fit_eps = family == "smoothing"
+
+    def residual(theta):
+        cc = theta[: batch * batch].view(batch, batch)
+        e = theta[-1] if fit_eps else eps
+        y = _targets_diff(classes, k, e, dtype)
+        p = torch.softmax(cc @ a.T + offset, 1)
+        parts = [((p - y).T @ cc / batch - m).reshape(-1)]
+        if bias_grad is not None:
+            parts.append((p - y).sum(0) / batch - bias_grad)
+        return torch.cat(parts) / scale
+
+    theta = torch.cat([c.reshape(-1), eps.view(1)]) if fit_eps else c.reshape(-1)
+    r = residual(theta)
+    cost = float(r.norm())
+    mu = 1e-6
+    iterations = 0
+    for iterations in range(1, max_iter + 1):
+        if cost <= limit * 1e-2:
+            break
+        jac = torch.func.jacfwd(residual)(theta)
+        jtj, jtr = jac.T @ jac, jac.T @ r
+        improved = False
+        for _ in range(12):
+            step = torch.linalg.solve(jtj + mu * torch.diag(jtj.diagonal() + 1e-30), -jtr)
+            trial = theta + step
+            r_trial = residual(trial)
+            cost_trial = float(r_trial.norm())
+            if cost_trial < cost:
+                theta, r, cost, improved = trial, r_trial, cost_trial, True
+                mu = max(mu / 10, 1e-15)
+                break
+            mu *= 10
+        if not improved:
+            break
+    c = theta[: batch * batch].view(batch, batch)
+    e = float(theta[-1]) if fit_eps else 0.0
+    return c, e, cost, iterations
+
+
+def _targets_diff(classes, k, eps, dtype):
+    """_targets, differentiable in eps (no in-place writes into a tensor that needs it)."""
+    onehot = torch.nn.functional.one_hot(torch.tensor(classes), k).to(dtype)
+    return (1 - eps) * onehot + eps / k
+
+
+def recover_per_sample(weight: torch.Tensor, bias: torch.Tensor | None, weight_grad: torch.Tensor,
+                       bias_grad: torch.Tensor | None, batch: int, *, family: str = "hard",
+                       precision: float = 2.0 ** -52, max_candidates: int = 32,
+                       max_iter: int = 100) -> PerSampleRecovery:
+    """Labels Y, softmax outputs P and features X (rows in one order) of a one-step
+    gradient of the mean cross-entropy over ``batch`` samples (module docstring).
+    ``precision``: the unit round-off of the update's dtype (float64: 2^-52)."""
+    if family not in FAMILIES:
+        raise InputError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    if weight.dim() != 2 or weight_grad.shape != weight.shape:
+        raise InputError(f"W is {tuple(weight.shape)} but dL/dW is {tuple(weight_grad.shape)}")
+    k, d = weight.shape
+    if (bias is None) != (bias_grad is None):
+        raise InputError("the bias and its gradient must both be given or both be absent")
+    if batch < 1:
+        raise InputError(f"B must be >= 1, got {batch}")
+    if batch > k - 1:
+        raise AttackError(f"B = {batch} > K - 1 = {k - 1}: every sample delta sums to zero over the K classes, so "
+                          f"at most K - 1 of them are independent and the batch cannot be separated")
+    if batch > d:
+        raise AttackError(f"B = {batch} > d = {d}: the B features cannot be independent in R^d")
+    dtype = torch.float64
+    weight, weight_grad = weight.to(dtype), weight_grad.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    bias_grad = None if bias_grad is None else bias_grad.to(dtype)
+    u, s, vh = torch.linalg.svd(weight_grad, full_matrices=False)
+    rank = numerical_rank(s, precision, (k, d))
+    shown = [float(v) for v in s[: batch + 1]]
+    if rank < batch:
+        raise AttackError(f"rank deficient: dL/dW has rank {rank} < B = {batch} (singular values "
+                          f"{', '.join(f'{v:.3g}' for v in shown)}): two samples with the same label and parallel "
+                          "features, or a zero gradient, leave the batch inseparable")
+    if rank > batch:
+        raise AttackError(f"dL/dW has rank {rank} > B = {batch}: not the gradient of one step on {batch} samples "
+                          "(a multi-step update, added noise, or a wrong batch size)")
+    v = vh[:batch].T  # d x B, orthonormal basis of the features' span
+    m = weight_grad @ v  # K x B
+    a = weight @ v  # K x B: logits are a c_n + b
+    scores = class_scores(weight_grad, batch) if k - batch >= 2 else None
+    limit = RESIDUAL_FACTOR * precision
+    candidates = candidate_sets(scores, bias_grad, batch, k, max_candidates)
+    tried = []
+    for classes in candidates:
+        c, eps, cost, iterations = _solve(classes, m, a, bias, bias_grad, family, max_iter, limit)
+        tried.append({"classes": list(classes), "residual": cost, "iterations": iterations})
+        if cost <= limit and torch.isfinite(c).all():
+            offset = bias if bias is not None else torch.zeros(k, dtype=dtype)
+            probs = torch.softmax(c @ a.T + offset, 1)
+            labels = _targets(classes, k, torch.tensor(eps, dtype=dtype), dtype)
+            repeated = sorted({cls for cls in classes if classes.count(cls) > 1})
+            return PerSampleRecovery(labels=labels, softmax=probs, features=c @ v.T, classes=list(classes),
+                                     label_smoothing=eps, rank=rank, singular_values=shown, residual=cost,
+                                     residual_limit=limit, iterations=iterations, candidates_tried=len(tried),
+                                     repeated=repeated, tried=tried)
+    best = min(tried, key=lambda row: row["residual"]) if tried else None
+    detail = (f"; best: classes {best['classes']} at residual {best['residual']:.2e}" if best else "")
+    raise AttackError(f"no {family} label set of B = {batch} samples reproduces the gradient within "
+                      f"{limit:.1e} ({len(tried)} candidate sets tried{detail}): repeated labels that cannot be "
+                      "separated, mixup, or soft labels of another kind")
+
+
+def features_from_labels(weight_grad: torch.Tensor, labels: torch.Tensor, softmax: torch.Tensor
+                         ) -> tuple[torch.Tensor, float]:
+    """X = (Delta^T)^+ G with Delta = (P - Y) / B: the features of labels and softmax outputs
+    recovered together, and the relative residual ||Delta^T X - G|| / ||G||."""
+    if labels.shape != softmax.shape or labels.shape[1] != weight_grad.shape[0]:
+        raise InputError(f"labels {tuple(labels.shape)} and softmax {tuple(softmax.shape)} do not fit "
+                         f"dL/dW {tuple(weight_grad.shape)}")
+    batch = labels.shape[0]
+    delta = (softmax.to(torch.float64) - labels.to(torch.float64)) / batch
+    grad = weight_grad.to(torch.float64)
+    rank = int(torch.linalg.matrix_rank(delta))
+    if rank < batch:
+        raise AttackError(f"the sample deltas (P - Y)/B have rank {rank} < B = {batch}: the features are not determined")
+    features = torch.linalg.lstsq(delta.T, grad).solution
+    residual = float((delta.T @ features - grad).norm() / max(float(grad.norm()), 1e-300))
+    return features, residual
