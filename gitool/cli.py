@@ -454,6 +454,9 @@ def labels(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="The labels file (one update).")] = None,
     out_dir: OutDirOpt = None,
     method: Annotated[str, typer.Option("--method", help=LABEL_METHOD_HELP)] = "auto",
+    per_sample: Annotated[bool, typer.Option("--per-sample", help="Each sample's label of a one-step batch "
+                          "gradient (B <= K - 1), with its softmax output, so that `gitool features` gives the B "
+                          "features in the same row order (= --method per-sample).")] = False,
     family: Annotated[Optional[str], typer.Option("--family", help="Label family prior for the single-sample "
                       "methods: auto (fit smoothing and mixup, keep the clearly better) | hard | smoothing | mixup; "
                       "default: the family the update records, auto when it is unknown.",
@@ -483,7 +486,8 @@ def labels(
     Example: gitool labels run/c.update.safetensors -o run/c.labels.safetensors   (many: gitool labels runs/ --out-dir out/)
     """
     with reporting(enabled=not json_output) as progress:
-        batch = step.labels(updates=updates, output=output, out_dir=out_dir, method=method, family=family,
+        batch = step.labels(updates=updates, output=output, out_dir=out_dir, method=method, per_sample=per_sample,
+                             family=family,
                              search=search, aux=aux, aux_per_class=aux_per_class, drift=drift, seed=seed, plot=plot,
                              model=model,
                              device=device, progress=progress if len(updates) > 1 or updates[0].is_dir() else None)
@@ -1118,7 +1122,9 @@ def print_label_rows(rows: list[dict[str, Any]]) -> None:
 def print_feature_rows(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         d = row["diagnostics"]
-        out.print(f"wrote {row['output']}: feature of {row['shape'][1]} values (norm {d['norm']:.4g}) by the "
+        what = (f"feature of {row['shape'][1]} values" if row["shape"][0] == 1
+                else f"{row['shape'][0]} features of {row['shape'][1]} values")
+        out.print(f"wrote {row['output']}: {what} (norm {d['norm']:.4g}) by the "
                   f"{d['method']} path; (feature, label) reproduce the gradient to a relative residual of "
                   f"{d['residual']:.2e}", highlight=False, soft_wrap=True)
         if "warning" in d:
