@@ -97,8 +97,13 @@ def candidate_sets(scores: torch.Tensor | None, bias_grad: torch.Tensor | None, 
 
     for ranking in rankings:
         add(ranking[:batch])
+    if bias_grad is not None:  # one class of the bias ranking's B swapped for one of the next three
+        ranking = rankings[-1]
+        for out in reversed(ranking[:batch]):
+            for inn in ranking[batch:batch + 3]:
+                add([c for c in ranking[:batch] if c != out] + [inn])
     for ranking in rankings:  # one repeated class, then two
-        for repeat in itertools.chain(ranking[:batch - 1], ranking[:batch - 1]):
+        for repeat in ranking[:batch - 1]:
             add(ranking[:batch - 1] + [repeat])
         for a, b in itertools.combinations(ranking[:batch - 2], 2) if batch > 2 else ():
             add(ranking[:batch - 2] + [a, b])
@@ -114,20 +119,35 @@ def _targets(classes: tuple[int, ...], k: int, eps: torch.Tensor, dtype) -> torc
     return (1 - eps) * onehot + eps / k
 
 
-def _solve(classes, m, a, bias, bias_grad, family, max_iter, limit):
-    """C (B x B) and eps for one label set: fixed point, then Levenberg-Marquardt."""
+def _solve(classes, m, a, bias, bias_grad, family, max_iter, limit, seed="uniform"):
+    """C (B x B) and eps for one label set: fixed point, then Levenberg-Marquardt.
+
+    ``seed``: ``uniform`` starts from p_n = softmax(b) (untrained models are near it);
+    ``ratio`` (needs the bias) from c_n = M[k_n] / g[k_n], the single-sample bias ratio of
+    the sample's own class (exact when no other sample puts mass on k_n; confident models)."""
     batch, k = len(classes), m.shape[0]
     dtype = m.dtype
     offset = bias if bias is not None else torch.zeros(k, dtype=dtype)
     scale = float(m.norm()) + (float(bias_grad.norm()) if bias_grad is not None else 0.0)
     eps = torch.zeros((), dtype=dtype)
     targets = _targets(classes, k, eps, dtype)
-    probs = torch.softmax(offset, 0).expand(batch, k).clone()
-    # symmetry breaking for repeated classes: the j-th copy of a class is seeded a little apart
-    for index, cls in enumerate(classes):
-        copy = sum(1 for c in classes[:index] if c == cls)
-        if copy:
-            probs[index] = torch.softmax(offset + 0.5 * copy * (a[:, copy % batch] / (a[:, copy % batch].norm() + 1e-300)), 0)
+    index = torch.tensor(classes)
+    if seed == "ratio":
+        start = m[index] / bias_grad[index].unsqueeze(1)
+        spread = float(start.norm()) / batch ** 0.5 + 1e-300
+        for row, cls in enumerate(classes):  # copies of a repeated class start apart
+            copy = sum(1 for c in classes[:row] if c == cls)
+            if copy:
+                start[row] = start[row] + 0.3 * spread * torch.eye(batch, dtype=dtype)[copy % batch]
+        probs = torch.softmax(start @ a.T + offset, 1)
+    else:
+        probs = torch.softmax(offset, 0).expand(batch, k).clone()
+        # symmetry breaking for repeated classes: the j-th copy of a class is seeded a little apart
+        for row, cls in enumerate(classes):
+            copy = sum(1 for c in classes[:row] if c == cls)
+            if copy:
+                direction = a[:, copy % batch] / (a[:, copy % batch].norm() + 1e-300)
+                probs[row] = torch.softmax(offset + 0.5 * copy * direction, 0)
     c = torch.linalg.lstsq((probs - targets).T / batch, m).solution
     for _ in range(20):  # fixed point: P from C, then C by least squares
         probs = torch.softmax(c @ a.T + offset, 1)
@@ -148,6 +168,30 @@ def _solve(classes, m, a, bias, bias_grad, family, max_iter, limit):
             parts.append((p - y).sum(0) / batch - bias_grad)
         return torch.cat(parts) / scale
 
+    onehot = torch.nn.functional.one_hot(index, k).to(dtype)
+    eye = torch.eye(batch, dtype=dtype)
+
+    def jacobian(theta):
+        """d residual / d theta, by hand: dp_n/dc_n = (diag(p_n) - p_n p_n^T) A."""
+        cc = theta[: batch * batch].view(batch, batch)
+        e = theta[-1] if fit_eps else eps
+        y = _targets_diff(classes, k, e, dtype)
+        p = torch.softmax(cc @ a.T + offset, 1)
+        pa = p.unsqueeze(2) * a.unsqueeze(0)  # n, k, l: p_nk A_kl
+        d = pa - p.unsqueeze(2) * (p @ a).unsqueeze(1)  # n, k, l: (J_n A)_kl
+        top = (torch.einsum("nkl,nj->kjnl", d, cc) + torch.einsum("nk,jl->kjnl", p - y, eye)) / batch
+        blocks = [top.reshape(k * batch, batch * batch)]
+        if bias_grad is not None:
+            blocks.append(d.permute(1, 0, 2).reshape(k, batch * batch) / batch)
+        jac = torch.cat(blocks)
+        if fit_eps:
+            h = 1.0 / k - onehot  # dY/d eps
+            column = [(-(h.T @ cc) / batch).reshape(-1)]
+            if bias_grad is not None:
+                column.append(-h.sum(0) / batch)
+            jac = torch.cat([jac, torch.cat(column).unsqueeze(1)], 1)
+        return jac / scale
+
     theta = torch.cat([c.reshape(-1), eps.view(1)]) if fit_eps else c.reshape(-1)
     r = residual(theta)
     cost = float(r.norm())
@@ -156,7 +200,7 @@ def _solve(classes, m, a, bias, bias_grad, family, max_iter, limit):
     for iterations in range(1, max_iter + 1):
         if cost <= limit * 1e-2:
             break
-        jac = torch.func.jacfwd(residual)(theta)
+        jac = jacobian(theta)
         jtj, jtr = jac.T @ jac, jac.T @ r
         improved = False
         for _ in range(12):
@@ -184,7 +228,7 @@ def _targets_diff(classes, k, eps, dtype):
 
 def recover_per_sample(weight: torch.Tensor, bias: torch.Tensor | None, weight_grad: torch.Tensor,
                        bias_grad: torch.Tensor | None, batch: int, *, family: str = "hard",
-                       precision: float = 2.0 ** -52, max_candidates: int = 32,
+                       precision: float = 2.0 ** -52, max_candidates: int = 64,
                        max_iter: int = 100) -> PerSampleRecovery:
     """Labels Y, softmax outputs P and features X (rows in one order) of a one-step
     gradient of the mean cross-entropy over ``batch`` samples (module docstring).
@@ -223,19 +267,22 @@ def recover_per_sample(weight: torch.Tensor, bias: torch.Tensor | None, weight_g
     scores = class_scores(weight_grad, batch) if k - batch >= 2 else None
     limit = RESIDUAL_FACTOR * precision
     candidates = candidate_sets(scores, bias_grad, batch, k, max_candidates)
+    seeds = ("ratio", "uniform") if bias_grad is not None else ("uniform",)
     tried = []
     for classes in candidates:
-        c, eps, cost, iterations = _solve(classes, m, a, bias, bias_grad, family, max_iter, limit)
-        tried.append({"classes": list(classes), "residual": cost, "iterations": iterations})
-        if cost <= limit and torch.isfinite(c).all():
-            offset = bias if bias is not None else torch.zeros(k, dtype=dtype)
-            probs = torch.softmax(c @ a.T + offset, 1)
-            labels = _targets(classes, k, torch.tensor(eps, dtype=dtype), dtype)
-            repeated = sorted({cls for cls in classes if classes.count(cls) > 1})
-            return PerSampleRecovery(labels=labels, softmax=probs, features=c @ v.T, classes=list(classes),
-                                     label_smoothing=eps, rank=rank, singular_values=shown, residual=cost,
-                                     residual_limit=limit, iterations=iterations, candidates_tried=len(tried),
-                                     repeated=repeated, tried=tried)
+        for seed in seeds:
+            c, eps, cost, iterations = _solve(classes, m, a, bias, bias_grad, family, max_iter, limit, seed)
+            tried.append({"classes": list(classes), "seed": seed, "residual": cost, "iterations": iterations})
+            if cost <= limit and torch.isfinite(c).all():
+                offset = bias if bias is not None else torch.zeros(k, dtype=dtype)
+                probs = torch.softmax(c @ a.T + offset, 1)
+                labels = _targets(classes, k, torch.tensor(eps, dtype=dtype), dtype)
+                repeated = sorted({cls for cls in classes if classes.count(cls) > 1})
+                return PerSampleRecovery(labels=labels, softmax=probs, features=c @ v.T, classes=list(classes),
+                                         label_smoothing=eps, rank=rank, singular_values=shown, residual=cost,
+                                         residual_limit=limit, iterations=iterations,
+                                         candidates_tried=len({tuple(t["classes"]) for t in tried}),
+                                         repeated=repeated, tried=tried)
     best = min(tried, key=lambda row: row["residual"]) if tried else None
     detail = (f"; best: classes {best['classes']} at residual {best['residual']:.2e}" if best else "")
     raise AttackError(f"no {family} label set of B = {batch} samples reproduces the gradient within "
