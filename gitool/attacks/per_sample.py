@@ -40,6 +40,7 @@ import torch
 from gitool.attacks.errors import AttackError, InputError
 
 FAMILIES = ("hard", "smoothing")
+SCREEN_ITERATIONS = 30  # Levenberg-Marquardt steps per candidate before the closest are run to the end
 RESIDUAL_FACTOR = 1e4  # a candidate is accepted at a relative residual <= this x the data's precision
 
 
@@ -97,6 +98,14 @@ def candidate_sets(scores: torch.Tensor | None, bias_grad: torch.Tensor | None, 
 
     for ranking in rankings:
         add(ranking[:batch])
+    if bias_grad is not None:  # g_k < 0 only for a class some sample has: those, the rest from the subspace ranking
+        certain = [c for c in rankings[-1] if float(bias_grad[c]) < 0][:batch]
+        missing = batch - len(certain)
+        pool = [c for c in rankings[0] if c not in certain][:missing + 3]
+        for fill in itertools.combinations(pool, missing):
+            add(certain + list(fill))
+        for fill in itertools.combinations_with_replacement(certain + pool[:2], missing):
+            add(certain + list(fill))
     if bias_grad is not None:  # one class of the bias ranking's B swapped for one of the next three
         ranking = rankings[-1]
         for out in reversed(ranking[:batch]):
@@ -229,7 +238,7 @@ def _targets_diff(classes, k, eps, dtype):
 def recover_per_sample(weight: torch.Tensor, bias: torch.Tensor | None, weight_grad: torch.Tensor,
                        bias_grad: torch.Tensor | None, batch: int, *, family: str = "hard",
                        precision: float = 2.0 ** -52, max_candidates: int = 64,
-                       max_iter: int = 100) -> PerSampleRecovery:
+                       max_iter: int = 200) -> PerSampleRecovery:
     """Labels Y, softmax outputs P and features X (rows in one order) of a one-step
     gradient of the mean cross-entropy over ``batch`` samples (module docstring).
     ``precision``: the unit round-off of the update's dtype (float64: 2^-52)."""
@@ -268,26 +277,38 @@ def recover_per_sample(weight: torch.Tensor, bias: torch.Tensor | None, weight_g
     limit = RESIDUAL_FACTOR * precision
     candidates = candidate_sets(scores, bias_grad, batch, k, max_candidates)
     seeds = ("ratio", "uniform") if bias_grad is not None else ("uniform",)
-    tried = []
-    for classes in candidates:
+    tried: list[dict] = []
+
+    def attempt(classes, seed, iterations_allowed):
+        c, eps, cost, iterations = _solve(classes, m, a, bias, bias_grad, family, iterations_allowed, limit, seed)
+        tried.append({"classes": list(classes), "seed": seed, "residual": cost, "iterations": iterations})
+        if cost > limit or not torch.isfinite(c).all():
+            return None
+        offset = bias if bias is not None else torch.zeros(k, dtype=dtype)
+        probs = torch.softmax(c @ a.T + offset, 1)
+        labels = _targets(classes, k, torch.tensor(eps, dtype=dtype), dtype)
+        repeated = sorted({cls for cls in classes if classes.count(cls) > 1})
+        return PerSampleRecovery(labels=labels, softmax=probs, features=c @ v.T, classes=list(classes),
+                                 label_smoothing=eps, rank=rank, singular_values=shown, residual=cost,
+                                 residual_limit=limit, iterations=iterations,
+                                 candidates_tried=len({tuple(t["classes"]) for t in tried}), repeated=repeated,
+                                 tried=tried)
+
+    for classes in candidates:  # screening: a right label set converges in a few steps
         for seed in seeds:
-            c, eps, cost, iterations = _solve(classes, m, a, bias, bias_grad, family, max_iter, limit, seed)
-            tried.append({"classes": list(classes), "seed": seed, "residual": cost, "iterations": iterations})
-            if cost <= limit and torch.isfinite(c).all():
-                offset = bias if bias is not None else torch.zeros(k, dtype=dtype)
-                probs = torch.softmax(c @ a.T + offset, 1)
-                labels = _targets(classes, k, torch.tensor(eps, dtype=dtype), dtype)
-                repeated = sorted({cls for cls in classes if classes.count(cls) > 1})
-                return PerSampleRecovery(labels=labels, softmax=probs, features=c @ v.T, classes=list(classes),
-                                         label_smoothing=eps, rank=rank, singular_values=shown, residual=cost,
-                                         residual_limit=limit, iterations=iterations,
-                                         candidates_tried=len({tuple(t["classes"]) for t in tried}),
-                                         repeated=repeated, tried=tried)
+            found = attempt(classes, seed, SCREEN_ITERATIONS)
+            if found is not None:
+                return found
+    for row in sorted(tried, key=lambda t: t["residual"])[:2]:  # the closest ones, to the end
+        found = attempt(tuple(row["classes"]), row["seed"], max_iter)
+        if found is not None:
+            return found
     best = min(tried, key=lambda row: row["residual"]) if tried else None
     detail = (f"; best: classes {best['classes']} at residual {best['residual']:.2e}" if best else "")
     raise AttackError(f"no {family} label set of B = {batch} samples reproduces the gradient within "
-                      f"{limit:.1e} ({len(tried)} candidate sets tried{detail}): repeated labels that cannot be "
-                      "separated, mixup, or soft labels of another kind")
+                      f"{limit:.1e} ({len({tuple(t['classes']) for t in tried})} candidate sets tried{detail}): "
+                      "repeated labels that cannot be separated, a sample the model already predicts with "
+                      "p_y ~ 1 (its delta vanishes), mixup, or soft labels of another kind")
 
 
 def features_from_labels(weight_grad: torch.Tensor, labels: torch.Tensor, softmax: torch.Tensor
