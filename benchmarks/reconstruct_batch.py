@@ -10,7 +10,8 @@ K = 20 so that B = 16 <= K - 1: class c is photograph c mod 10, other crops). Pe
 - ``refused``: batches the chain refused (its one-line error counted by condition);
 - ``wrong``: samples below 100 dB in batches that were NOT refused (silent failures);
 - ``label acc``: per-sample labels, target class right after matching, over all samples
-  of the row (a refused batch counts as wrong); ``iLRG iAcc``: iLRG's count accuracy on
+  of the row (a batch whose labels were refused counts as wrong; one refused later by
+  the reconstruction keeps its labels); ``iLRG iAcc``: iLRG's count accuracy on
   the same updates (needs the bias; "-" without one);
 - ``s/batch``: wall time of labels + features + reconstruct per batch (capture and
   scoring not timed), median over the row's batches.
@@ -40,10 +41,10 @@ ROWS = [
       for b in (2, 4, 8, 16)],
     *[(f"FCN-4 no bias B={b}", "fcn4", "relu", False, {**FCN, "hidden_bias": "false"}, "fc", b, "distinct")
       for b in (2, 4, 8, 16)],
-    *[(f"rconv-lenet LeakyReLU B={b}", "rconv-lenet", "leakyrelu", True, {}, "conv", b, "distinct")
-      for b in (2, 4, 8)],
-    *[(f"rconv-lenet all-ReLU 77,22,3,3 B={b}", "rconv-lenet", "relu", True, {"channels": "77,22,3,3"}, "conv",
-       b, "distinct") for b in (2, 4, 8)],
+    *[(f"rconv-lenet LeakyReLU {size}x{size} B={b}", "rconv-lenet", "leakyrelu", True, {}, "conv", b, "distinct",
+       size) for size in (8, 16, 32) for b in (2, 4, 8)],
+    *[(f"rconv-lenet all-ReLU 77,22,3,3 {size}x{size} B={b}", "rconv-lenet", "relu", True,
+       {"channels": "77,22,3,3"}, "conv", b, "distinct", size) for size in (8, 16, 32) for b in (2, 4, 8)],
     ("FCN-4 bias B=4, one class twice", "fcn4", "relu", True, {**FCN, "hidden_bias": "true"}, "fc", 4, "repeat"),
     ("FCN-4 no bias B=4, one class twice", "fcn4", "relu", False, {**FCN, "hidden_bias": "false"}, "fc", 4,
      "repeat"),
@@ -57,7 +58,7 @@ ROWS = [
 ]
 
 
-def photo_source(seed: int):
+def photo_source(seed: int, shape=SHAPE):
     """``--data photos`` with K = 20 classes: item i has class i mod 20 and is a crop of
     photograph (i mod 20) mod 10 (the ten photographs, each under two class labels)."""
     import numpy as np
@@ -66,7 +67,7 @@ def photo_source(seed: int):
 
     class TwentyClassPhotos(PhotoSource):
         def __init__(self):
-            super().__init__(SHAPE, 50, seed, "photos(K=20)")
+            super().__init__(shape, 50, seed, "photos(K=20)")
             self.num_classes = K
             self.class_names = [f"{name}-{half}" for half in "ab" for name in self.class_names]
             self.labels = np.arange(len(self.labels), dtype=np.int64) % K
@@ -77,10 +78,21 @@ def photo_source(seed: int):
 
             from gitool.data import convert_channels
 
-            crops = torch.cat([self._crop(photos[int(self.labels[i]) % 10], i, SHAPE[1], SHAPE[2]) for i in indices])
-            return convert_channels(crops, SHAPE[0])
+            crops = torch.cat([self._crop(photos[int(self.labels[i]) % 10], i, shape[1], shape[2]) for i in indices])
+            return convert_channels(crops, shape[0])
 
     return TwentyClassPhotos()
+
+
+def refusal_kind(message: str) -> str:
+    """A short name for the condition a refusal names."""
+    for needle, name in (("rank deficient", "labels: rank < B"), ("> B", "labels: rank > B"),
+                         ("K - 1", "labels: B > K - 1"), ("no hard label set", "labels: no hard label set fits"),
+                         ("no smoothing label set", "labels: no smoothed label set fits"),
+                         ("cannot recover its input", "reconstruct: a layer's rank condition fails")):
+        if needle in message:
+            return name
+    return message[:60]
 
 
 def classes_for(kind: str, batch: int, seed: int) -> list[int] | None:
@@ -102,36 +114,38 @@ def run_batch(row, seed: int) -> dict:
     from gitool.models import ModelSpec
     from gitool.steps import feature_step, label_step, reconstruct_step, score_step
 
-    name, model, activation, last_bias, options, method, batch, kind = row
-    spec = ModelSpec(model, num_classes=K, input_shape=SHAPE, activation=activation, last_bias=last_bias,
+    name, model, activation, last_bias, options, method, batch, kind, *size = row
+    shape = (3, size[0], size[0]) if size else SHAPE
+    spec = ModelSpec(model, num_classes=K, input_shape=shape, activation=activation, last_bias=last_bias,
                      options=options)
     loss = {"smoothing": LossSpec(family="smoothing", label_smoothing=0.1),
             "mixup": LossSpec(family="mixup", mixup_coef=0.7)}.get(kind, LossSpec())
-    config = CaptureConfig(input=InputSpec(shape=SHAPE), training=TrainingSpec(dtype="float64", batch_size=batch),
+    config = CaptureConfig(input=InputSpec(shape=shape), training=TrainingSpec(dtype="float64", batch_size=batch),
                            loss=loss, choice=SampleChoice(classes=classes_for(kind, batch, seed)), seed=seed,
                            init="default" if model == "fcn4" else "uniform")
-    update, truth = capture(photo_source(seed), spec, config)
-    out: dict = {"samples": batch}
+    update, truth = capture(photo_source(seed, shape), spec, config)
+    out: dict = {"samples": batch, "label_right": 0, "exact": 0}
     started = time.perf_counter()
     try:
         labels, _ = label_step(update, "per-sample", {})
-        features = feature_step(update, labels, {})
-        recon, _ = reconstruct_step(update, labels, features, method, {})
-        out["seconds"] = time.perf_counter() - started
     except GitoolError as exc:
         out["seconds"] = time.perf_counter() - started
-        out["refused"] = str(exc).split(":")[0][:60] if "rank" not in str(exc) else " ".join(str(exc).split()[:4])
-        out["error"] = str(exc)
+        out["refused"], out["error"] = refusal_kind(str(exc)), str(exc)
         labels = None
     if labels is not None:
-        label_row = score_step(labels, truth)
-        out["label_right"] = round(label_row["target_accuracy"] * batch)
-        images = score_step(recon, truth)
-        out["exact"] = sum(p >= 100 for p in images["psnr_per_image"])
-        out["min_psnr"] = min(images["psnr_per_image"])
-    else:
-        out["label_right"] = 0
-        out["exact"] = 0
+        try:
+            features = feature_step(update, labels, {})
+            recon, _ = reconstruct_step(update, labels, features, method, {})
+            out["seconds"] = time.perf_counter() - started
+        except GitoolError as exc:
+            out["seconds"] = time.perf_counter() - started
+            out["refused"], out["error"] = refusal_kind(str(exc)), str(exc)
+            recon = None
+        out["label_right"] = round(score_step(labels, truth)["target_accuracy"] * batch)
+        if recon is not None:
+            images = score_step(recon, truth)
+            out["exact"] = sum(p >= 100 for p in images["psnr_per_image"])
+            out["min_psnr"] = min(images["psnr_per_image"])
     if last_bias:
         counts, _ = label_step(update, "ilrg", {})
         out["ilrg_iacc"] = score_step(counts, truth)["iAcc"]
@@ -148,7 +162,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    print(f"float64, untrained models, photos 3x32x32, K = {K}, {args.batches} batches per row, "
+    print(f"float64, untrained models, photos 3x32x32 unless the row says, K = {K}, {args.batches} batches per row, "
           f"{args.threads} thread(s)\n")
     print("| row | samples | exact (>= 100 dB) | refused batches | wrong, not refused | label acc (per-sample) "
           "| iLRG iAcc | s/batch (median) |")
