@@ -66,7 +66,7 @@ def recover(update, options: PerSampleOptions) -> LabelOutcome:
         "label_smoothing": found.label_smoothing, "repeated_classes": found.repeated, "rank": found.rank,
         "singular_values": found.singular_values, "residual": found.residual,
         "residual_limit": found.residual_limit, "iterations": found.iterations,
-        "candidates_tried": found.candidates_tried, "refused_candidates": found.tried[:-1],
+        "candidates_tried": found.candidates_tried, "refused_candidates": found.tried[:-1][:16],
     }
     eps = f", eps = {found.label_smoothing:.4g}" if family == "smoothing" else ""
     summary = [f"per-sample: {batch} {family} labels, classes {' '.join(map(str, found.classes))}{eps}",
