@@ -504,7 +504,8 @@ def labels(
 
 @app.command()
 def features(
-    updates: Annotated[list[Path], typer.Argument(help="Updates (single-sample gradients), or folders of "
+    updates: Annotated[list[Path], typer.Argument(help="Updates (single-sample gradients, or one-step batch "
+                       "gradients with labels from `gitool labels --per-sample`), or folders of "
                        "*.update.safetensors.")],
     labels_file: Annotated[Path, typer.Option("--labels", "-l", help="Its labels file from `gitool labels` (for "
                            "many updates: the folder of STEM.labels.safetensors).")],
@@ -517,7 +518,7 @@ def features(
 ) -> None:
     """Recover the last layer's input feature x of a single-sample gradient from its labels.
 
-    With a last-layer bias x is the bias ratio; without one x = lambda G_r with the lambda that explains the label. Checks that (x, label) reproduce the gradient and warns (in the output and the file) when the relative residual is above tolerance.
+    With a last-layer bias x is the bias ratio; without one x = lambda G_r with the lambda that explains the label. Checks that (x, label) reproduce the gradient and warns (in the output and the file) when the relative residual is above tolerance. For a one-step batch, per-sample labels (`gitool labels --per-sample`, with each sample's softmax output) give the B features X = (Delta^T)^+ dL/dW, rows in the labels' order.
 
     Example: gitool features run/c.update.safetensors --labels run/c.labels.safetensors -o run/c.features.safetensors   (many: gitool features runs/ --labels runs/ --out-dir runs/)
     """

@@ -323,7 +323,8 @@ def features_from_labels(weight_grad: torch.Tensor, labels: torch.Tensor, softma
     grad = weight_grad.to(torch.float64)
     rank = int(torch.linalg.matrix_rank(delta))
     if rank < batch:
-        raise AttackError(f"the sample deltas (P - Y)/B have rank {rank} < B = {batch}: the features are not determined")
+        raise AttackError(f"the sample deltas (P - Y)/B have rank {rank} < B = {batch}: the features are not "
+                          "determined")
     features = torch.linalg.lstsq(delta.T, grad).solution
     residual = float((delta.T @ features - grad).norm() / max(float(grad.norm()), 1e-300))
     return features, residual
