@@ -280,7 +280,21 @@ def _cid_name(cid: Any) -> str:
 # --------------------------------------------------------------------------- the wrapper
 
 
-class RecordingStrategy(Strategy):
+class _Wrapper:
+    """A recorder stands in for the strategy it wraps: attributes it lacks are the wrapped
+    strategy's (``proximal_mu``, ``on_fit_config_fn``, ``weighted_by_key``, ...)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.strategy!r}, out_dir={str(self.out_dir)!r})"
+
+    def __getattr__(self, name: str) -> Any:
+        strategy = self.__dict__.get("strategy")
+        if strategy is None:
+            raise AttributeError(name)
+        return getattr(strategy, name)
+
+
+class RecordingStrategy(_Wrapper, Strategy):
     """A Flower strategy that records every client's update, then lets ``strategy`` act.
 
     ``model``: the :class:`~gitool.models.ModelSpec` of the federation's model (a zoo
@@ -300,16 +314,6 @@ class RecordingStrategy(Strategy):
                             f"{type(strategy).__name__}")
         _set_up(self, strategy, out_dir, model, facts, client_name, config_keys, strict)
         self._sent: dict[str, tuple[Parameters, dict[str, Any]]] = {}
-
-    def __repr__(self) -> str:
-        return f"RecordingStrategy({self.strategy!r}, out_dir={str(self.out_dir)!r})"
-
-    def __getattr__(self, name: str) -> Any:
-        """Attributes the wrapped strategy has (``proximal_mu``, ``on_fit_config_fn``, ...)."""
-        strategy = self.__dict__.get("strategy")
-        if strategy is None:
-            raise AttributeError(name)
-        return getattr(strategy, name)
 
     # ----------------------------------------------------------- Flower's Strategy
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
@@ -389,7 +393,7 @@ class RecordingStrategy(Strategy):
         return state_of_list(arrays, part, self.layout, where)
 
 
-class RecordingMessageStrategy(MessageStrategy):
+class RecordingMessageStrategy(_Wrapper, MessageStrategy):
     """The recorder for Flower's Message API (``flwr.serverapp.strategy``: a ``ServerApp``
     that calls ``strategy.start(grid=...)``, as ``flwr new`` projects do). Same arguments,
     files and facts as :class:`RecordingStrategy`; what differs is where they come from:
@@ -414,16 +418,6 @@ class RecordingMessageStrategy(MessageStrategy):
                             f"not {type(strategy).__name__}; RecordingStrategy wraps flwr.server.strategy ones")
         _set_up(self, strategy, out_dir, model, facts, client_name, config_keys, strict)
         self._sent: dict[int, tuple[ArrayRecord, dict[str, Any]]] = {}
-
-    def __repr__(self) -> str:
-        return f"RecordingMessageStrategy({self.strategy!r}, out_dir={str(self.out_dir)!r})"
-
-    def __getattr__(self, name: str) -> Any:
-        """Attributes the wrapped strategy has (``weighted_by_key``, ``proximal_mu``, ...)."""
-        strategy = self.__dict__.get("strategy")
-        if strategy is None:
-            raise AttributeError(name)
-        return getattr(strategy, name)
 
     # ----------------------------------------------------------- Flower's Message-API Strategy
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
