@@ -71,6 +71,9 @@ out = Console()  # results (tables) on stdout
 err = Console(stderr=True)  # messages and progress on stderr
 
 
+INTERRUPTED = "[bold red]error:[/] interrupted; files finished before stayed as they were"
+
+
 def main() -> None:
     """Console entry point: one clear line and an exit code instead of a traceback."""
     from gitool.atomic import Terminated, install_signal_handlers
@@ -83,8 +86,15 @@ def main() -> None:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        err.print("[bold red]error:[/] interrupted; files finished before stayed as they were")
+        err.print(INTERRUPTED)
         sys.exit(130)
+    except SystemExit as exc:
+        # typer answers Ctrl-C inside a command with a bare exit 130 (raised from the
+        # KeyboardInterrupt); say what happened, as for an interrupt outside it.
+        exit_from = exc.__context__
+        if exc.code == 130 and exit_from is not None and isinstance(exit_from.__cause__, KeyboardInterrupt):
+            err.print(INTERRUPTED)
+        raise
     except Terminated:
         err.print("[bold red]error:[/] terminated; files finished before stayed as they were")
         sys.exit(143)
