@@ -22,8 +22,6 @@ from typing import Annotated, Any, Optional
 import typer
 import typer.core
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
 from rich.table import Table
 from rich.text import Text
 
@@ -73,6 +71,9 @@ out = Console()  # results (tables) on stdout
 err = Console(stderr=True)  # messages and progress on stderr
 
 
+INTERRUPTED = "[bold red]error:[/] interrupted; files finished before stayed as they were"
+
+
 def main() -> None:
     """Console entry point: one clear line and an exit code instead of a traceback."""
     from gitool.atomic import Terminated, install_signal_handlers
@@ -85,8 +86,15 @@ def main() -> None:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        err.print("[bold red]error:[/] interrupted; files finished before stayed as they were")
+        err.print(INTERRUPTED)
         sys.exit(130)
+    except SystemExit as exc:
+        # typer answers Ctrl-C inside a command with a bare exit 130 (raised from the
+        # KeyboardInterrupt); say what happened, as for an interrupt outside it.
+        exit_from = exc.__context__
+        if exc.code == 130 and exit_from is not None and isinstance(exit_from.__cause__, KeyboardInterrupt):
+            err.print(INTERRUPTED)
+        raise
     except Terminated:
         err.print("[bold red]error:[/] terminated; files finished before stayed as they were")
         sys.exit(143)
@@ -207,15 +215,18 @@ class RichProgress:
     on, so a command that reports nothing draws nothing."""
 
     def __init__(self) -> None:
-        self.bar: Progress | None = None
+        self.bar = None
         self.task = None
 
     def _task(self):
         if self.bar is None:
+            # rich.progress is imported here, not at start-up: most commands never draw a bar.
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
             # No refresh thread (redrawn here, at most ten times a second): a command may fork
             # worker processes while the bar is up (gitool audit --workers).
             self.bar = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                                MofNCompleteColumn(), RateColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+                                MofNCompleteColumn(), rate_column(), TimeElapsedColumn(), TextColumn("ETA"),
                                 TimeRemainingColumn(), console=err, transient=False, auto_refresh=False)
             self.bar.start()
             self.task = self.bar.add_task("", total=None)
@@ -249,12 +260,16 @@ class RichProgress:
             self.bar.stop()
 
 
-class RateColumn(ProgressColumn):
-    """Items per second, from rich's moving estimate."""
+def rate_column():
+    """A rich column of items per second, from rich's moving estimate."""
+    from rich.progress import ProgressColumn
 
-    def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("" if speed is None else f"{speed:.1f}/s", style="progress.data.speed")
+    class RateColumn(ProgressColumn):
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("" if speed is None else f"{speed:.1f}/s", style="progress.data.speed")
+
+    return RateColumn()
 
 
 # Model options shared by capture, train and import.
