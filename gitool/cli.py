@@ -71,6 +71,9 @@ out = Console()  # results (tables) on stdout
 err = Console(stderr=True)  # messages and progress on stderr
 
 
+INTERRUPTED = "[bold red]error:[/] interrupted; files finished before stayed as they were"
+
+
 def main() -> None:
     """Console entry point: one clear line and an exit code instead of a traceback."""
     from gitool.atomic import Terminated, install_signal_handlers
@@ -83,8 +86,15 @@ def main() -> None:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        err.print("[bold red]error:[/] interrupted; files finished before stayed as they were")
+        err.print(INTERRUPTED)
         sys.exit(130)
+    except SystemExit as exc:
+        # typer answers Ctrl-C inside a command with a bare exit 130 (raised from the
+        # KeyboardInterrupt); say what happened, as for an interrupt outside it.
+        exit_from = exc.__context__
+        if exc.code == 130 and exit_from is not None and isinstance(exit_from.__cause__, KeyboardInterrupt):
+            err.print(INTERRUPTED)
+        raise
     except Terminated:
         err.print("[bold red]error:[/] terminated; files finished before stayed as they were")
         sys.exit(143)
@@ -460,6 +470,9 @@ def labels(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="The labels file (one update).")] = None,
     out_dir: OutDirOpt = None,
     method: Annotated[str, typer.Option("--method", help=LABEL_METHOD_HELP)] = "auto",
+    per_sample: Annotated[bool, typer.Option("--per-sample", help="Each sample's label of a one-step batch "
+                          "gradient (B <= K - 1), with its softmax output, so that `gitool features` gives the B "
+                          "features in the same row order (= --method per-sample).")] = False,
     family: Annotated[Optional[str], typer.Option("--family", help="Label family prior for the single-sample "
                       "methods: auto (fit smoothing and mixup, keep the clearly better) | hard | smoothing | mixup; "
                       "default: the family the update records, auto when it is unknown.",
@@ -489,7 +502,8 @@ def labels(
     Example: gitool labels run/c.update.safetensors -o run/c.labels.safetensors   (many: gitool labels runs/ --out-dir out/)
     """
     with reporting(enabled=not json_output) as progress:
-        batch = step.labels(updates=updates, output=output, out_dir=out_dir, method=method, family=family,
+        batch = step.labels(updates=updates, output=output, out_dir=out_dir, method=method, per_sample=per_sample,
+                             family=family,
                              search=search, aux=aux, aux_per_class=aux_per_class, drift=drift, seed=seed, plot=plot,
                              model=model,
                              device=device, progress=progress if len(updates) > 1 or updates[0].is_dir() else None)
@@ -506,7 +520,8 @@ def labels(
 
 @app.command()
 def features(
-    updates: Annotated[list[Path], typer.Argument(help="Updates (single-sample gradients), or folders of "
+    updates: Annotated[list[Path], typer.Argument(help="Updates (single-sample gradients, or one-step batch "
+                       "gradients with labels from `gitool labels --per-sample`), or folders of "
                        "*.update.safetensors.")],
     labels_file: Annotated[Path, typer.Option("--labels", "-l", help="Its labels file from `gitool labels` (for "
                            "many updates: the folder of STEM.labels.safetensors).")],
@@ -519,7 +534,7 @@ def features(
 ) -> None:
     """Recover the last layer's input feature x of a single-sample gradient from its labels.
 
-    With a last-layer bias x is the bias ratio; without one x = lambda G_r with the lambda that explains the label. Checks that (x, label) reproduce the gradient and warns (in the output and the file) when the relative residual is above tolerance.
+    With a last-layer bias x is the bias ratio; without one x = lambda G_r with the lambda that explains the label. Checks that (x, label) reproduce the gradient and warns (in the output and the file) when the relative residual is above tolerance. For a one-step batch, per-sample labels (`gitool labels --per-sample`, with each sample's softmax output) give the B features X = (Delta^T)^+ dL/dW, rows in the labels' order.
 
     Example: gitool features run/c.update.safetensors --labels run/c.labels.safetensors -o run/c.features.safetensors   (many: gitool features runs/ --labels runs/ --out-dir runs/)
     """
@@ -1131,7 +1146,9 @@ def print_label_rows(rows: list[dict[str, Any]]) -> None:
 def print_feature_rows(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         d = row["diagnostics"]
-        out.print(f"wrote {row['output']}: feature of {row['shape'][1]} values (norm {d['norm']:.4g}) by the "
+        what = (f"feature of {row['shape'][1]} values" if row["shape"][0] == 1
+                else f"{row['shape'][0]} features of {row['shape'][1]} values")
+        out.print(f"wrote {row['output']}: {what} (norm {d['norm']:.4g}) by the "
                   f"{d['method']} path; (feature, label) reproduce the gradient to a relative residual of "
                   f"{d['residual']:.2e}", highlight=False, soft_wrap=True)
         if "warning" in d:
