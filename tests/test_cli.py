@@ -260,7 +260,9 @@ def test_ctrl_c_in_a_command_says_so_in_one_line(tmp_path):
     import sys
 
     proc = subprocess.Popen([sys.executable, "-m", "gitool", "capture", "--model", "lenet", "--repeat", "100000",
-                             "--out-dir", str(tmp_path / "run")], stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                             "--out-dir", str(tmp_path / "run")], stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            # as from a terminal: a suite started in the background ignores SIGINT, and so would the child
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert "started" in proc.stderr.readline()  # the command is running
         proc.send_signal(signal.SIGINT)
