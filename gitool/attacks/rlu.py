@@ -26,7 +26,9 @@ auxiliary set. The server sees neither the client's data nor the intermediate mo
    with the received model (the auxiliary statistics at the received model are known
    exactly) and spread the end-point discrepancy along the simulated path in
    proportion to progress (`calibrate`); solve again. Stop when a round moves
-   almost no labels.
+   almost no labels. The client's batches are a random split of its labels and the
+   path is not linear in them, so the system is averaged over a few random splits of
+   the current counts into m batches of B (`batch_mixes`, `expected_system`).
    The simulation uses at most a couple of hundred auxiliary samples (it is the
    costly part); both ends are pinned to the statistics of the whole set.
 
