@@ -203,7 +203,8 @@ def simulate_drift(model, inputs: torch.Tensor, labels: torch.Tensor, counts: to
         if batch_norm:
             loss = torch.nn.functional.cross_entropy(train_logits, labels[batch])
         else:
-            loss = -(sample_weights[step] * torch.log_softmax(logits, dim=1).gather(1, labels[:, None]).squeeze(1)).sum()
+            log_probs = torch.log_softmax(logits, dim=1).gather(1, labels[:, None]).squeeze(1)
+            loss = -(sample_weights[step] * log_probs).sum()
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         with torch.no_grad():
             for p, g, v, p0 in zip(params, grads, velocity, start):
