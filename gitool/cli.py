@@ -22,8 +22,6 @@ from typing import Annotated, Any, Optional
 import typer
 import typer.core
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
 from rich.table import Table
 from rich.text import Text
 
@@ -73,6 +71,9 @@ out = Console()  # results (tables) on stdout
 err = Console(stderr=True)  # messages and progress on stderr
 
 
+INTERRUPTED = "[bold red]error:[/] interrupted; files finished before stayed as they were"
+
+
 def main() -> None:
     """Console entry point: one clear line and an exit code instead of a traceback."""
     from gitool.atomic import Terminated, install_signal_handlers
@@ -85,8 +86,15 @@ def main() -> None:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        err.print("[bold red]error:[/] interrupted; files finished before stayed as they were")
+        err.print(INTERRUPTED)
         sys.exit(130)
+    except SystemExit as exc:
+        # typer answers Ctrl-C inside a command with a bare exit 130 (raised from the
+        # KeyboardInterrupt); say what happened, as for an interrupt outside it.
+        exit_from = exc.__context__
+        if exc.code == 130 and exit_from is not None and isinstance(exit_from.__cause__, KeyboardInterrupt):
+            err.print(INTERRUPTED)
+        raise
     except Terminated:
         err.print("[bold red]error:[/] terminated; files finished before stayed as they were")
         sys.exit(143)
@@ -207,15 +215,18 @@ class RichProgress:
     on, so a command that reports nothing draws nothing."""
 
     def __init__(self) -> None:
-        self.bar: Progress | None = None
+        self.bar = None
         self.task = None
 
     def _task(self):
         if self.bar is None:
+            # rich.progress is imported here, not at start-up: most commands never draw a bar.
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
             # No refresh thread (redrawn here, at most ten times a second): a command may fork
             # worker processes while the bar is up (gitool audit --workers).
             self.bar = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                                MofNCompleteColumn(), RateColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+                                MofNCompleteColumn(), rate_column(), TimeElapsedColumn(), TextColumn("ETA"),
                                 TimeRemainingColumn(), console=err, transient=False, auto_refresh=False)
             self.bar.start()
             self.task = self.bar.add_task("", total=None)
@@ -249,12 +260,16 @@ class RichProgress:
             self.bar.stop()
 
 
-class RateColumn(ProgressColumn):
-    """Items per second, from rich's moving estimate."""
+def rate_column():
+    """A rich column of items per second, from rich's moving estimate."""
+    from rich.progress import ProgressColumn
 
-    def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("" if speed is None else f"{speed:.1f}/s", style="progress.data.speed")
+    class RateColumn(ProgressColumn):
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("" if speed is None else f"{speed:.1f}/s", style="progress.data.speed")
+
+    return RateColumn()
 
 
 # Model options shared by capture, train and import.
@@ -454,6 +469,9 @@ def labels(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="The labels file (one update).")] = None,
     out_dir: OutDirOpt = None,
     method: Annotated[str, typer.Option("--method", help=LABEL_METHOD_HELP)] = "auto",
+    per_sample: Annotated[bool, typer.Option("--per-sample", help="Each sample's label of a one-step batch "
+                          "gradient (B <= K - 1), with its softmax output, so that `gitool features` gives the B "
+                          "features in the same row order (= --method per-sample).")] = False,
     family: Annotated[Optional[str], typer.Option("--family", help="Label family prior for the single-sample "
                       "methods: auto (fit smoothing and mixup, keep the clearly better) | hard | smoothing | mixup; "
                       "default: the family the update records, auto when it is unknown.",
@@ -483,7 +501,8 @@ def labels(
     Example: gitool labels run/c.update.safetensors -o run/c.labels.safetensors   (many: gitool labels runs/ --out-dir out/)
     """
     with reporting(enabled=not json_output) as progress:
-        batch = step.labels(updates=updates, output=output, out_dir=out_dir, method=method, family=family,
+        batch = step.labels(updates=updates, output=output, out_dir=out_dir, method=method, per_sample=per_sample,
+                             family=family,
                              search=search, aux=aux, aux_per_class=aux_per_class, drift=drift, seed=seed, plot=plot,
                              model=model,
                              device=device, progress=progress if len(updates) > 1 or updates[0].is_dir() else None)
@@ -500,7 +519,8 @@ def labels(
 
 @app.command()
 def features(
-    updates: Annotated[list[Path], typer.Argument(help="Updates (single-sample gradients), or folders of "
+    updates: Annotated[list[Path], typer.Argument(help="Updates (single-sample gradients, or one-step batch "
+                       "gradients with labels from `gitool labels --per-sample`), or folders of "
                        "*.update.safetensors.")],
     labels_file: Annotated[Path, typer.Option("--labels", "-l", help="Its labels file from `gitool labels` (for "
                            "many updates: the folder of STEM.labels.safetensors).")],
@@ -513,7 +533,7 @@ def features(
 ) -> None:
     """Recover the last layer's input feature x of a single-sample gradient from its labels.
 
-    With a last-layer bias x is the bias ratio; without one x = lambda G_r with the lambda that explains the label. Checks that (x, label) reproduce the gradient and warns (in the output and the file) when the relative residual is above tolerance.
+    With a last-layer bias x is the bias ratio; without one x = lambda G_r with the lambda that explains the label. Checks that (x, label) reproduce the gradient and warns (in the output and the file) when the relative residual is above tolerance. For a one-step batch, per-sample labels (`gitool labels --per-sample`, with each sample's softmax output) give the B features X = (Delta^T)^+ dL/dW, rows in the labels' order.
 
     Example: gitool features run/c.update.safetensors --labels run/c.labels.safetensors -o run/c.features.safetensors   (many: gitool features runs/ --labels runs/ --out-dir runs/)
     """
@@ -1118,7 +1138,9 @@ def print_label_rows(rows: list[dict[str, Any]]) -> None:
 def print_feature_rows(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         d = row["diagnostics"]
-        out.print(f"wrote {row['output']}: feature of {row['shape'][1]} values (norm {d['norm']:.4g}) by the "
+        what = (f"feature of {row['shape'][1]} values" if row["shape"][0] == 1
+                else f"{row['shape'][0]} features of {row['shape'][1]} values")
+        out.print(f"wrote {row['output']}: {what} (norm {d['norm']:.4g}) by the "
                   f"{d['method']} path; (feature, label) reproduce the gradient to a relative residual of "
                   f"{d['residual']:.2e}", highlight=False, soft_wrap=True)
         if "warning" in d:

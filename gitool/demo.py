@@ -10,9 +10,12 @@ The chain is the one `samples/attack_chain.sh` runs through the command line:
 4. reconstruct (fc): the image, analytically, layer by layer;
 5. reconstruct (optimize): the same image by gradient matching with the recovered label
    and feature held fixed, a short run;
-6. a second client sends a FedAvg update of several local steps on a mini-batch; the
+6. a third client sends the gradient of one step on a batch of four images (FCN-4 with
+   biases); the server recovers each sample's label and feature (``labels --per-sample``,
+   ``features``) and reconstructs all four images (fc);
+7. a second client sends a FedAvg update of several local steps on a mini-batch; the
    server recovers how many samples of each class it used (RLU);
-7. score: every result against the truth, PNG grids, and `summary.json`.
+8. score: every result against the truth, PNG grids, and `summary.json`.
 
 Each step is a function of the demo folder and the state so far that writes its files
 and returns a headline; ``STEPS`` lists them in order.
@@ -29,6 +32,7 @@ from gitool.files import atomic_write_bytes
 
 CLIENT = "client"  # single-image client: client.update.safetensors, client.truth..., ...
 BATCH_CLIENT = "batch"  # FedAvg client for the label-count step
+MINI_BATCH_CLIENT = "minibatch"  # one-step client with B = 4 for the per-sample step
 
 
 def _save_capture(folder: Path, stem: str, spec, config, data: str) -> None:
@@ -107,6 +111,30 @@ def reconstruct_optimize(folder: Path, state: dict) -> str:
     return f"gradient matching (L-BFGS, 20 iterations): PSNR {scores['psnr']:.1f} dB, SSIM {scores['ssim']:.4f}"
 
 
+def mini_batch(folder: Path, state: dict) -> str:
+    """B = 4, one step: per-sample labels, the four features, the four images (the CLI's steps)."""
+    from gitool.capture import CaptureConfig, SampleChoice
+    from gitool.files import InputSpec, TrainingSpec
+    from gitool.models import ModelSpec
+    from gitool.steps import features_update, label_update, reconstruct_update
+
+    spec = ModelSpec(name="fcn4", num_classes=10, input_shape=(3, 32, 32), last_bias=True,
+                     options={"widths": "1024,256,64", "hidden_bias": "true"})
+    config = CaptureConfig(training=TrainingSpec(batch_size=4, steps=1, dtype="float64"),
+                           input=InputSpec(shape=spec.input_shape), init="default",
+                           choice=SampleChoice(classes=[0, 3, 5, 8]), seed=5)
+    _save_capture(folder, MINI_BATCH_CLIENT, spec, config, "samples")
+    update, labels, feats = (_path(folder, MINI_BATCH_CLIENT, kind) for kind in ("update", "labels", "features"))
+    row = label_update(update, labels, "per-sample")
+    label_scores = _score(state, labels, MINI_BATCH_CLIENT)
+    features_update(update, labels, feats)
+    target = folder / f"{MINI_BATCH_CLIENT}-fc.reconstruction.safetensors"
+    reconstruct_update(update, target, "fc", {}, labels_path=labels, features_path=feats)
+    scores = _score(state, target, MINI_BATCH_CLIENT, png=folder / f"{MINI_BATCH_CLIENT}-fc.png")
+    return (f"B = 4, one step, fcn4 with biases: per-sample labels {label_scores['target_accuracy']:.2f} right "
+            f"(rank {row['diagnostics']['rank']}), all four images PSNR >= {min(scores['psnr_per_image']):.0f} dB")
+
+
 def batch_counts(folder: Path, state: dict) -> str:
     from gitool.capture import CaptureConfig, SampleChoice
     from gitool.steps import label_update
@@ -131,6 +159,7 @@ STEPS: list[tuple[str, Callable[[Path, dict], str]]] = [
     ("features", features),
     ("reconstruct fc", reconstruct_fc),
     ("reconstruct optimize", reconstruct_optimize),
+    ("mini-batch (per-sample)", mini_batch),
     ("label counts (RLU)", batch_counts),
 ]
 

@@ -15,6 +15,7 @@ from typing import Any
 from gitool.methods import Method, method_help, resolve
 
 SINGLE = "gitool.labels_single"
+PER_SAMPLE = "gitool.labels_per_sample"
 BATCH = "gitool.labels_batch"
 ANY = ("single", "batch", "multistep")
 N = ("batch_size", "steps")  # N = B x m fixes every count's total
@@ -33,6 +34,7 @@ class LabelOutcome:
     method: str
     labels: Any = None
     counts: Any = None
+    softmax: Any = None  # B x K softmax outputs p_n (per-sample method: fixes Delta for `features`)
     diagnostics: dict[str, Any] = field(default_factory=dict)
     summary: list[str] = field(default_factory=list)
     curve: dict[str, Any] | None = None
@@ -63,6 +65,9 @@ LABEL_METHODS: dict[str, Method] = {m.name: m for m in (
     Method("rlu-published", "labels", "the published RLU code's estimator: off-class softmax of the mean auxiliary "
            "logits, bias update, rescaled to N (a baseline for rlu)", ANY, N, f"{BATCH}:AuxCountOptions",
            f"{BATCH}:rlu_published", delta_facts=True, needs_aux=True),
+    Method("per-sample", "labels", "each sample's label, softmax output and feature of a one-step gradient "
+           "(B <= K - 1, rank B; joint solve over the row space of dL/dW, docs/analytic.md)", ("single", "batch"),
+           N, f"{PER_SAMPLE}:PerSampleOptions", f"{PER_SAMPLE}:recover", delta_facts=True, reads="classifier"),
 )}
 
 METHOD_HELP = method_help(LABEL_METHODS, "auto (bias for a single-sample gradient with a last-layer bias, lambda "

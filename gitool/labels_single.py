@@ -61,7 +61,8 @@ def require_single_gradient(update, who: str) -> None:
             else f"a gradient of a batch of {update.training.batch_size}")
     raise UsageError(f"{who} needs a single-sample gradient (B = 1, one step); {update.path or 'this update'}"
                      f" is {what}, from which no single feature can be read (its labels: gitool labels --method "
-                     f"{', '.join(BATCH_METHODS)})")
+                     f"{', '.join(BATCH_METHODS)}; the B features of a one-step batch: features --labels from "
+                     "gitool labels --per-sample)")
 
 
 def _layer_on(update, device: str):

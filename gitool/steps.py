@@ -47,22 +47,28 @@ def label_step(update, method: str = "auto", options: dict[str, Any] | None = No
 
     entry = label_method(update, method)
     outcome = entry(update, options, LABEL_METHODS)
-    tensors = {key: value for key, value in (("labels", outcome.labels), ("counts", outcome.counts))
-               if value is not None}
+    tensors = {key: value for key, value in (("labels", outcome.labels), ("counts", outcome.counts),
+                                             ("softmax", outcome.softmax)) if value is not None}
     result = new_result("labels", tensors, method=entry.name, update=update, options=outcome.options,
                         diagnostics=outcome.diagnostics, wall_time=outcome.seconds)
     return result, outcome
 
 
 def feature_step(update, labels_result, options: dict[str, Any] | None = None):
-    """The last-layer input of a single-sample gradient from its recovered label."""
+    """The last-layer input of a single-sample gradient from its recovered label, or the B
+    inputs of a batch from per-sample labels (a labels file with softmax outputs)."""
     from gitool.files import new_result
-    from gitool.labels_single import recover_features
+
+    if labels_result.get("softmax") is not None:
+        from gitool.labels_per_sample import recover_features
+    else:
+        from gitool.labels_single import recover_features
 
     labels_result.check_source(update)
     options = dict(options or {})
     started = time.perf_counter()
-    feature, diagnostics = recover_features(update, labels_result, options)
+    with attack_errors():
+        feature, diagnostics = recover_features(update, labels_result, options)
     seconds = time.perf_counter() - started
     recorded = {"device": options.get("device") or "cpu",
                 "labels": str(labels_result.path) if labels_result.path else None}
@@ -297,8 +303,13 @@ def label_update(path: Path, target: Path, method: str = "auto", options: dict[s
 
 def labels(*, updates: list[Path], output: Path | None, out_dir: Path | None, method: str, family: str | None,
            search: str | None, aux: str | None, aux_per_class: int | None, seed: int, plot: Path | None,
-           model: list[str] | None, device: str, progress: Progress | None = None, drift: str | None = None) -> Batch:
-    """``gitool labels``: every update's labels file."""
+           model: list[str] | None, device: str, progress: Progress | None = None, drift: str | None = None,
+           per_sample: bool = False) -> Batch:
+    """``gitool labels``: every update's labels file (``per_sample``: --method per-sample)."""
+    if per_sample:
+        if method not in ("auto", "per-sample"):
+            raise UsageError(f"--per-sample is --method per-sample; it cannot be combined with --method {method}")
+        method = "per-sample"
     from gitool.files import expand_inputs
     from gitool.resolve import trust_models
 

@@ -250,3 +250,22 @@ def test_features_and_reconstruct_over_a_folder_keep_going_past_a_failure(run_cl
     assert r.json()["files"][0]["psnr"] > 100  # exact in float64
     r = run_cli("reconstruct", runs, "--labels", out / "0000.labels.safetensors", "--method", "fc", "--out-dir", out)
     assert r.exit_code == 2 and "--labels names one file; for many updates give a folder" in r.stderr
+
+
+def test_ctrl_c_in_a_command_says_so_in_one_line(tmp_path):
+    """typer turns a KeyboardInterrupt inside a command into a bare exit 130; the user
+    still reads one line saying what happened to the files."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "gitool", "capture", "--model", "lenet", "--repeat", "100000",
+                             "--out-dir", str(tmp_path / "run")], stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        assert "started" in proc.stderr.readline()  # the command is running
+        proc.send_signal(signal.SIGINT)
+        stderr = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert stderr.strip().splitlines()[-1] == "error: interrupted; files finished before stayed as they were"

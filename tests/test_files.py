@@ -208,3 +208,18 @@ def test_hash_pass_finds_a_nan_wherever_blocks_cut_the_elements(tmp_path, monkey
         else:
             with pytest.raises(GitoolError, match=f"tensor '{bad}' holds NaN"):
                 sha256_checking_finite(path, entries, list(entries))
+
+
+def test_all_finite_by_sum_and_by_element():
+    from gitool.files.container import all_finite
+
+    assert all_finite(torch.ones(1000)) and all_finite(torch.empty(0))
+    huge = torch.full((10,), 3e38)  # finite, yet the float32 sum overflows: the element test decides
+    assert not torch.isfinite(huge.sum()) and all_finite(huge)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        values = torch.ones(1000, dtype=torch.float64)
+        values[537] = bad
+        assert not all_finite(values)
+    both = torch.ones(4)
+    both[0], both[1] = float("inf"), float("-inf")  # inf - inf = NaN: still refused
+    assert not all_finite(both)

@@ -92,6 +92,11 @@ def made(tmp_path_factory) -> Path:
            "-o", d / "b.update.safetensors")
     gitool("labels", d / "c.update.safetensors", "-o", d / "c.labels.safetensors")
     gitool("labels", d / "b.update.safetensors", "--method", "llg", "-o", d / "b.labels.safetensors")
+    gitool("capture", "--model", "mlp", "--image-size", "1x8x8", "--data", "synthetic", "--seed", "3", "-B", "3",
+           "--dtype", "float64", "-o", d / "p.update.safetensors")
+    gitool("labels", d / "p.update.safetensors", "--per-sample", "-o", d / "p.labels.safetensors")
+    gitool("features", d / "p.update.safetensors", "--labels", d / "p.labels.safetensors",
+           "-o", d / "p.features.safetensors")
     gitool("features", d / "c.update.safetensors", "--labels", d / "c.labels.safetensors",
            "-o", d / "c.features.safetensors")
     gitool("reconstruct", d / "c.update.safetensors", "--labels", d / "c.labels.safetensors", "--features",
@@ -126,6 +131,8 @@ FILES = [
     ("t.truth.safetensors", "truth"),
     ("c.labels.safetensors", "labels"),
     ("b.labels.safetensors", "labels"),
+    ("p.labels.safetensors", "labels"),
+    ("p.features.safetensors", "features"),
     ("c.features.safetensors", "features"),
     ("c.reconstruction.safetensors", "reconstruction"),
     ("ck.checkpoint.safetensors", "checkpoint"),

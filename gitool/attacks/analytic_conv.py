@@ -361,11 +361,17 @@ def _condition_estimate(apply_normal: Callable, cholesky: tuple[torch.Tensor, to
 
 def _numerical_rank(normal: torch.Tensor, limit: float) -> int | None:
     """Rank of A from the eigenvalues of A^T A (singular values above largest / limit);
-    None where the matrix is too big to decompose on the error path."""
-    if normal.shape[0] > 6000:
+    None where the matrix is too big to decompose on the error path.
+
+    The eigenvalues of A^T A carry round-off of about n eps lambda_max, so singular values
+    below sqrt(n eps) sigma_max are noise whatever ``limit`` says: counting them reported
+    ranks above the number of rows on some CPUs' kernels."""
+    size = normal.shape[0]
+    if size > 6000:
         return None
     eigen = torch.linalg.eigvalsh(normal).clamp(min=0).sqrt()
-    return int((eigen > eigen[-1] / limit).sum())
+    floor = max(1.0 / limit, math.sqrt(size * torch.finfo(normal.dtype).eps))
+    return int((eigen > eigen[-1] * floor).sum())
 
 
 # Mixed precision (float32 factor, float64 refinement) for normal matrices at least this big,

@@ -7,7 +7,10 @@
 - ``labels``: the label method the registry picks for the update (``gitool labels
   --method auto``: the bias path or the lambda search for a single-sample gradient, RLU
   for batches and multi-step updates). RLU needs auxiliary data; without ``--aux`` an
-  audit counts labels with a method that needs none (:data:`COUNTS_WITHOUT_AUX`) and says so;
+  audit counts labels with a method that needs none (:data:`COUNTS_WITHOUT_AUX`) and says so.
+  On a one-step batch gradient of at most K - 1 samples, when features or a
+  reconstruction follow, ``per-sample`` runs too (under ``OUT/per-sample/``): its one
+  label per sample is what those steps read;
 - any name of ``LABEL_METHODS`` (``bias``, ``lambda``, ``rlu``, ...): that method, on the
   updates it accepts;
 - ``features``: the last-layer input, wherever the labels hold one label per sample of
@@ -107,6 +110,10 @@ def plan(update, selection: Selection, options: dict[str, Any]) -> list[Attack]:
     attacks: list[Attack] = []
     for method in selection.labels:
         attacks.append(_label_attack(update, method, options))
+    if _wants_per_sample(update, selection):
+        # A one-step batch: its counts stay the main labels; each sample's label and
+        # feature (per-sample) is what features and the analytic methods read.
+        attacks.append(Attack("labels", "per-sample", dict(options)))
     _mark_main(attacks)
     if selection.features:
         attacks.append(Attack("features", "features", dict(options), skip=_features_skip(update)))
@@ -142,6 +149,17 @@ def _label_attack(update, method: str, options: dict[str, Any]) -> Attack:
         return Attack("labels", method, dict(options),
                       skip=f"{method} attacks {' or '.join(entry.accepts_words())}; this is {describe_shape(update)}")
     return Attack("labels", method, dict(options))
+
+
+def _wants_per_sample(update, selection: Selection) -> bool:
+    """``auto`` labels on a one-step batch gradient of at most K - 1 samples (the most the
+    per-sample solve can separate), when features or a reconstruction will read them."""
+    from gitool.methods import shape_of
+
+    return ("auto" in selection.labels and "per-sample" not in selection.labels
+            and (selection.features or bool(selection.reconstruct))
+            and shape_of(update) == "batch" and update.kind == "gradient"
+            and update.num_samples <= update.model.num_classes - 1)
 
 
 def _counts_without_aux(update) -> str | None:

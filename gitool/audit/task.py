@@ -116,15 +116,16 @@ def _audit(item: AuditInput, settings: AuditSettings) -> dict[str, Any]:
     except GitoolError as exc:
         record.update(status="unplannable", error=str(exc))
         return record
-    main: dict[str, Any] = {}  # step -> the main result
-    fresh: set[str] = set()  # steps whose main result was computed in this run
+    main: dict[str, Any] = {}  # step -> the result later steps read: the main one, or per-sample labels
+    fresh: set[str] = set()  # steps whose read result was computed in this run
     results = []
     for attack in attacks:
         output = item.output(out_dir, attack.step, None if attack.main else attack.method)
         entry, result = _run_attack(attack, update, output, main, fresh, settings)
         record["attacks"].append(entry)
         results.append((entry, result))
-        if result is not None and attack.main:
+        if result is not None and (attack.main or _one_label_per_sample(result, update)
+                                   and not _one_label_per_sample(main.get(attack.step), update)):
             main[attack.step] = result
             if entry["status"] == "done":
                 fresh.add(attack.step)
@@ -199,13 +200,18 @@ def _run_attack(attack: Attack, update, output: Path, main: dict, fresh: set, se
     return entry, result
 
 
+def _one_label_per_sample(result, update) -> bool:
+    """A labels result with one row per sample (not class counts)."""
+    return result is not None and result.kind == "labels" and result.get("labels") is not None \
+        and result.get("labels").shape[0] == update.num_samples
+
+
 def _inputs_of(attack: Attack, update, main: dict) -> tuple[dict[str, Any], str | None]:
     """The earlier results this attack reads, or why it cannot run."""
     labels = main.get("labels")
     if attack.step == "labels":
         return {}, None
-    per_sample = labels is not None and labels.get("labels") is not None \
-        and labels.get("labels").shape[0] == update.num_samples
+    per_sample = _one_label_per_sample(labels, update)
     if attack.step == "features":
         if labels is None:
             return {}, "needs the labels, which were not recovered"

@@ -190,10 +190,17 @@ def _short(exc: BaseException) -> str:
     return text[:160]
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN and no infinity in ``tensor``. A NaN or an infinity makes the sum NaN or
+    infinite, so a finite sum proves every element finite in one pass without a mask; only
+    a sum that overflows (huge but finite values) needs the element-wise test."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 def _require_finite(raw: RawFile, names: Iterable[str]) -> None:
     for name in names:
         tensor = raw.tensors[name]
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise GitoolError(f"{raw.path}: tensor '{name}' holds NaN or infinite values")
 
 
@@ -209,7 +216,7 @@ def sha256_checking_finite(path: Path, entries: dict[str, Any], names: Iterable[
     carry = b""  # the first bytes of an element that the previous block cut
 
     def check(data, dtype, name: str) -> None:
-        if len(data) and not torch.isfinite(torch.frombuffer(data, dtype=dtype)).all():
+        if len(data) and not all_finite(torch.frombuffer(data, dtype=dtype)):
             raise GitoolError(f"{path}: tensor '{name}' holds NaN or infinite values")
 
     with open_regular(path, "a gitool file") as handle:

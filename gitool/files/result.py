@@ -25,6 +25,9 @@ RESULT_TENSORS = {
     "features": ("features",),
     "reconstruction": ("images",),
 }
+# Tensors a result kind may also hold (never alone): a per-sample labels file (format 1.1)
+# keeps each sample's softmax output p_n beside its label, rows in the same order.
+OPTIONAL_TENSORS = {"labels": ("softmax",), "features": (), "reconstruction": ()}
 
 
 @dataclass
@@ -102,8 +105,10 @@ def save_result(result: Result, path: str | Path) -> Path:
 # Each result tensor: its number of dimensions and whether it holds floats (else int64),
 # and the range its values must lie in (soft labels are probabilities, images in [0, 1];
 # a small slack admits round-off of the analytic methods).
-RESULT_LAYOUT = {"labels": (2, True), "counts": (1, False), "features": (2, True), "images": (4, True)}
-RESULT_RANGES = {"labels": (-1e-6, 1 + 1e-6), "counts": (0, float("inf")), "images": (-1e-6, 1 + 1e-6)}
+RESULT_LAYOUT = {"labels": (2, True), "counts": (1, False), "features": (2, True), "images": (4, True),
+                 "softmax": (2, True)}
+RESULT_RANGES = {"labels": (-1e-6, 1 + 1e-6), "counts": (0, float("inf")), "images": (-1e-6, 1 + 1e-6),
+                 "softmax": (0, 1 + 1e-6)}
 RESULT_META = {"method": str, "options": dict, "diagnostics": dict, "source": dict, "wall_time": (int, float)}
 
 
@@ -111,7 +116,7 @@ def load_result(path: str | Path, kinds: Iterable[str] = RESULT_KINDS) -> Result
     def expect(raw: RawFile):
         if not any(name in raw.entries for name in RESULT_TENSORS[raw.kind]):
             raise GitoolError(f"{raw.path}: a {raw.kind} file needs one of: {', '.join(RESULT_TENSORS[raw.kind])}")
-        extra = sorted(set(raw.entries) - set(RESULT_TENSORS[raw.kind]))
+        extra = sorted(set(raw.entries) - set(RESULT_TENSORS[raw.kind]) - set(OPTIONAL_TENSORS[raw.kind]))
         if extra:
             raise GitoolError(f"{raw.path}: unexpected tensors {', '.join(n[:60] for n in extra[:6])}")
         for name, entry in raw.entries.items():
@@ -121,6 +126,10 @@ def load_result(path: str | Path, kinds: Iterable[str] = RESULT_KINDS) -> Result
                                   f"dimensions of {'floats' if floating else 'int64'}")
             if name != "counts" and entry.shape[0] < 1:
                 raise GitoolError(f"{raw.path}: tensor '{name}' has no rows")
+        if "softmax" in raw.entries and ("labels" not in raw.entries
+                                         or raw.entries["softmax"].shape != raw.entries["labels"].shape):
+            raise GitoolError(f"{raw.path}: softmax outputs {raw.entries['softmax'].shape} need labels of the same "
+                              "shape")
         if "labels" in raw.entries and "counts" in raw.entries \
                 and raw.entries["labels"].shape[1] != raw.entries["counts"].shape[0]:
             raise GitoolError(f"{raw.path}: labels of {raw.entries['labels'].shape[1]} classes but counts of "
@@ -180,7 +189,8 @@ def check_fits_update(kind: str, tensors: dict[str, torch.Tensor], update: Updat
     layer = update.last_layer()
     k, d = layer.weight.shape
     n = update.num_samples
-    shapes = {"labels": (None, k), "counts": (k,), "features": (None, d), "images": (None, *update.input.shape),
+    shapes = {"labels": (None, k), "softmax": (None, k), "counts": (k,), "features": (None, d),
+              "images": (None, *update.input.shape),
               "inputs": (None, *update.input.shape)}
     for name, want in shapes.items():
         tensor = tensors.get(name)

@@ -1,5 +1,10 @@
 """Record a Flower federation as gitool updates, by wrapping any Flower strategy.
 
+Two wrappers, one per Flower strategy API: :class:`RecordingStrategy` for
+``flwr.server.strategy`` (``start_server``, ``ServerAppComponents``) and
+:class:`RecordingMessageStrategy` for the Message API (``flwr.serverapp.strategy``,
+``strategy.start(grid=...)``). Both write the same files with the same facts.
+
 An existing Flower server gains a recorder in a few lines::
 
     from gitool.integrations.flower import RecordingStrategy
@@ -68,6 +73,9 @@ try:
     from flwr.server.client_manager import ClientManager
     from flwr.server.client_proxy import ClientProxy
     from flwr.server.strategy import Strategy
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+    from flwr.serverapp import Grid
+    from flwr.serverapp.strategy import Strategy as MessageStrategy
 except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError("gitool.integrations.flower needs Flower: pip install 'gitool[flower]'") from exc
 
@@ -272,7 +280,21 @@ def _cid_name(cid: Any) -> str:
 # --------------------------------------------------------------------------- the wrapper
 
 
-class RecordingStrategy(Strategy):
+class _Wrapper:
+    """A recorder stands in for the strategy it wraps: attributes it lacks are the wrapped
+    strategy's (``proximal_mu``, ``on_fit_config_fn``, ``weighted_by_key``, ...)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.strategy!r}, out_dir={str(self.out_dir)!r})"
+
+    def __getattr__(self, name: str) -> Any:
+        strategy = self.__dict__.get("strategy")
+        if strategy is None:
+            raise AttributeError(name)
+        return getattr(strategy, name)
+
+
+class RecordingStrategy(_Wrapper, Strategy):
     """A Flower strategy that records every client's update, then lets ``strategy`` act.
 
     ``model``: the :class:`~gitool.models.ModelSpec` of the federation's model (a zoo
@@ -287,43 +309,11 @@ class RecordingStrategy(Strategy):
                  facts: str | Path | Mapping[str, Any] | None = None,
                  client_name: str | Callable[[ClientProxy, FitRes], Any] = "cid",
                  config_keys: Mapping[str, str | tuple[str, ...]] | None = None, strict: bool = False) -> None:
-        from gitool.interop import ModelLayout
-        from gitool.models import ModelSpec, is_user_model, trust_factory
-
         if not isinstance(strategy, Strategy):
             raise TypeError(f"strategy must be a Flower strategy (flwr.server.strategy.Strategy), not "
                             f"{type(strategy).__name__}")
-        if isinstance(model, str):
-            model = ModelSpec(name=model)
-        if not isinstance(model, ModelSpec):
-            raise TypeError(f"model must be a gitool.models.ModelSpec or a model name, not {type(model).__name__}")
-        if is_user_model(model.name):
-            trust_factory(model.name)  # named in the operator's code, not read from a file
-        self.strategy = strategy
-        self.model = model
-        self.layout = ModelLayout.of(model)
-        self.facts_path, self.facts = _declared_facts(facts)
-        self.keys = _config_keys(config_keys)
-        self.client_name = client_name
-        self.strict = strict
-        self.out_dir = Path(out_dir)
-        held = sorted(self.out_dir.glob("round-*")) if self.out_dir.is_dir() else []
-        if held:
-            raise UsageError(f"{self.out_dir} already holds a recording ({held[0].name}, ...); the recorder never "
-                             "writes over files: give it an empty or new folder")
-        self.written: list[Path] = []
-        self.skipped: list[tuple[int, str, str]] = []
+        _set_up(self, strategy, out_dir, model, facts, client_name, config_keys, strict)
         self._sent: dict[str, tuple[Parameters, dict[str, Any]]] = {}
-
-    def __repr__(self) -> str:
-        return f"RecordingStrategy({self.strategy!r}, out_dir={str(self.out_dir)!r})"
-
-    def __getattr__(self, name: str) -> Any:
-        """Attributes the wrapped strategy has (``proximal_mu``, ``on_fit_config_fn``, ...)."""
-        strategy = self.__dict__.get("strategy")
-        if strategy is None:
-            raise AttributeError(name)
-        return getattr(strategy, name)
 
     # ----------------------------------------------------------- Flower's Strategy
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
@@ -356,24 +346,10 @@ class RecordingStrategy(Strategy):
     # ----------------------------------------------------------- recording
     def record_round(self, server_round: int, results: list[tuple[ClientProxy, FitRes]]) -> list[Path]:
         """Write one update per fit result of ``server_round``; returns the files written."""
-        named = sorted(((*self._name(proxy, res), proxy, res) for proxy, res in results), key=lambda item: item[0])
-        written, taken = [], set()
         decoded: dict[int, dict] = {}  # one decoding of the global parameters most strategies send to all
-        for name, name_notes, proxy, res in named:
-            try:
-                if name in taken:
-                    raise GitoolError(f"another client of this round is also named {name}")
-                taken.add(name)
-                path = self._record(server_round, name, name_notes, proxy, res, decoded)
-            except Exception as exc:  # a client's bad update must not stop the federation
-                if self.strict:
-                    raise
-                reason = str(exc) if isinstance(exc, GitoolError) else f"{type(exc).__name__}: {exc}"
-                self.skipped.append((server_round, name, reason))
-                log.warning("gitool: round %d, client %s not recorded: %s", server_round, name, reason)
-                continue
-            written.append(path)
-        self.written.extend(written)
+        named = [(*self._name(proxy, res), lambda name, notes, proxy=proxy, res=res:
+                  self._record(server_round, name, notes, proxy, res, decoded)) for proxy, res in results]
+        written = _record_each(self, server_round, named)
         self._sent = {}
         return written
 
@@ -395,11 +371,6 @@ class RecordingStrategy(Strategy):
 
     def _record(self, server_round: int, name: str, name_notes: list[str], proxy: ClientProxy, res: FitRes,
                 decoded: dict[int, dict]) -> Path:
-        from gitool.files import save_update
-        from gitool.interop import update_of_states
-        from gitool.paths import refuse_overlap
-        from gitool.specs import SpecError, TrainingSpec
-
         if proxy.cid not in self._sent:
             raise GitoolError("no fit instructions were sent to this client in this round")
         parameters, config = self._sent[proxy.cid]
@@ -408,32 +379,8 @@ class RecordingStrategy(Strategy):
             decoded[id(parameters)] = self._state(parameters, "before", f"{where}: the global parameters")
         before = decoded[id(parameters)]
         after = self._state(res.parameters, "after", f"{where}: the returned parameters")
-        fit = facts_of_fit(config, res.num_examples, self.facts, self.keys)
-        try:
-            TrainingSpec(**fit.facts.get("training", {}))
-        except SpecError as exc:
-            raise GitoolError(f"{where}: the fit config or the declared facts give {exc.key} that "
-                              f"{exc.message}") from None
-        update = update_of_states(self.model, self.layout, {"before": (before, where), "after": (after, where)},
-                                  fit.facts)
-        update.provenance["flower"] = {
-            "server_round": server_round,
-            "client": name,
-            "num_examples": res.num_examples if isinstance(res.num_examples, int) else None,
-            "fit_config": config_record(config),
-            "strategy": type(self.strategy).__name__,
-            "derived": fit.derived,
-            "notes": name_notes + fit.notes,
-        }
-        if self.facts_path is not None:
-            update.provenance["declared_facts"] = str(self.facts_path)
-        path = self.out_dir / ROUND_FOLDER.format(server_round) / f"{name}.update.safetensors"
-        if path.exists():
-            raise GitoolError(f"{path} exists; the recorder never writes over a file")
-        refuse_overlap([("the facts file", self.facts_path)], [("the update", path)])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_update(update, path)
-        return path
+        return write_client_update(self, server_round, name, name_notes, before, after, res.num_examples, config,
+                                   type(self.strategy).__name__)
 
     def _state(self, parameters: Parameters, part: str, where: str) -> dict:
         from gitool.files.foreign import read_npy_list
@@ -444,6 +391,226 @@ class RecordingStrategy(Strategy):
                               "numpy.ndarray lists")
         arrays = read_npy_list(list(parameters.tensors), self.layout.budget, len(self.layout.state), where)
         return state_of_list(arrays, part, self.layout, where)
+
+
+class RecordingMessageStrategy(_Wrapper, MessageStrategy):
+    """The recorder for Flower's Message API (``flwr.serverapp.strategy``: a ``ServerApp``
+    that calls ``strategy.start(grid=...)``, as ``flwr new`` projects do). Same arguments,
+    files and facts as :class:`RecordingStrategy`; what differs is where they come from:
+
+    - the global arrays and the train config are the ``ArrayRecord`` and ``ConfigRecord``
+      of each train message ``configure_train`` sends (a client is its destination node);
+    - the returned arrays are the ``ArrayRecord`` of the client's reply, and its
+      ``num_examples`` the reply's metric under the wrapped strategy's
+      ``weighted_by_key`` (``"num-examples"`` by default);
+    - arrays are matched to the model by name when the record's keys are the model's
+      ``state_dict()`` names (``ArrayRecord(model.state_dict())``), else by order;
+    - ``client_name``: ``"node"`` (the node id), a metric of the reply, or a function of
+      the reply ``Message``. A reply that carries an error is listed in ``skipped``.
+    """
+
+    def __init__(self, strategy: MessageStrategy, out_dir: str | Path, model: Any, *,
+                 facts: str | Path | Mapping[str, Any] | None = None,
+                 client_name: str | Callable[[Message], Any] = "node",
+                 config_keys: Mapping[str, str | tuple[str, ...]] | None = None, strict: bool = False) -> None:
+        if not isinstance(strategy, MessageStrategy):
+            raise TypeError(f"strategy must be a Flower Message-API strategy (flwr.serverapp.strategy.Strategy), "
+                            f"not {type(strategy).__name__}; RecordingStrategy wraps flwr.server.strategy ones")
+        _set_up(self, strategy, out_dir, model, facts, client_name, config_keys, strict)
+        self._sent: dict[int, tuple[ArrayRecord, dict[str, Any]]] = {}
+
+    # ----------------------------------------------------------- Flower's Message-API Strategy
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> list[Message]:
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        self._sent = {}
+        for message in messages:
+            sent_arrays = list(message.content.array_records.values())
+            sent_config = list(message.content.config_records.values())
+            if len(sent_arrays) == 1:
+                self._sent[message.metadata.dst_node_id] = (sent_arrays[0],
+                                                            dict(sent_config[0]) if len(sent_config) == 1 else {})
+        return messages
+
+    def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self.record_round(server_round, replies)
+        return self.strategy.aggregate_train(server_round, replies)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> list[Message]:
+        return list(self.strategy.configure_evaluate(server_round, arrays, config, grid))
+
+    def aggregate_evaluate(self, server_round: int, replies) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, list(replies))
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+    # ----------------------------------------------------------- recording
+    def record_round(self, server_round: int, replies: list[Message]) -> list[Path]:
+        """Write one update per train reply of ``server_round``; returns the files written."""
+        decoded: dict[int, dict] = {}
+        named = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                self.skipped.append((server_round, _cid_name(node), f"the reply carries an error: "
+                                                                    f"{_short(reply.error.reason)}"))
+                continue
+            name, notes = self._name(reply)
+            named.append((name, notes, lambda name, notes, reply=reply:
+                          self._record(server_round, name, notes, reply, decoded)))
+        written = _record_each(self, server_round, named)
+        self._sent = {}
+        return written
+
+    def _name(self, reply: Message) -> tuple[str, list[str]]:
+        node = reply.metadata.src_node_id
+        if callable(self.client_name):
+            source = "the recorder's client_name function"
+            try:
+                value = self.client_name(reply)
+            except Exception as exc:  # the operator's function must not stop the federation
+                value = f"<{type(exc).__name__}>"
+        elif self.client_name == "node":
+            return _cid_name(node), []
+        else:
+            metrics = list(reply.content.metric_records.values())
+            value = metrics[0].get(self.client_name) if len(metrics) == 1 else None
+            source = f"the client's metric {self.client_name!r}"
+        name = client_file_name(value)
+        if name is None:
+            return _cid_name(node), [f"{source} gave no usable file name ({_short(value)}); named by its node id"]
+        return name, [f"named by {source}"]
+
+    def _record(self, server_round: int, name: str, name_notes: list[str], reply: Message,
+                decoded: dict[int, dict]) -> Path:
+        node = reply.metadata.src_node_id
+        if node not in self._sent:
+            raise GitoolError("no train message was sent to this client's node in this round")
+        arrays, config = self._sent[node]
+        where = f"round {server_round}, client {name}"
+        if id(arrays) not in decoded:
+            decoded[id(arrays)] = self._state(arrays, "before", f"{where}: the global arrays")
+        returned = list(reply.content.array_records.values())
+        if len(returned) != 1:
+            raise GitoolError(f"{where}: the reply holds {len(returned)} array records; gitool reads one")
+        after = self._state(returned[0], "after", f"{where}: the returned arrays")
+        key = getattr(self.strategy, "weighted_by_key", "num-examples")
+        metrics = list(reply.content.metric_records.values())
+        num_examples = metrics[0].get(key) if len(metrics) == 1 else None
+        return write_client_update(self, server_round, name, name_notes, decoded[id(arrays)], after, num_examples,
+                                   config, type(self.strategy).__name__)
+
+    def _state(self, record: ArrayRecord, part: str, where: str) -> dict:
+        from gitool.files.foreign import read_npy_list
+        from gitool.interop import state_of_list
+
+        keys = list(record.keys())
+        for wanted in (list(self.layout.state), list(self.layout.parameters)):
+            if len(keys) == len(wanted) and set(keys) == set(wanted):
+                keys = wanted  # named as the model names them: the model's order
+                break
+        blobs = []
+        for key in keys:
+            array = record[key]
+            if array.stype != "numpy.ndarray":
+                raise GitoolError(f"{where}: array {_short(key)} is serialised as {_short(array.stype)}; gitool reads "
+                                  "numpy.ndarray arrays")
+            blobs.append(bytes(array.data))
+        arrays = read_npy_list(blobs, self.layout.budget, len(self.layout.state), where)
+        return state_of_list(arrays, part, self.layout, where)
+
+
+def _record_each(recorder, server_round: int, named: list[tuple[str, list[str], Callable]]) -> list[Path]:
+    """Run each client's ``record(name, notes)`` in name order; a client that cannot be
+    recorded (or shares a name already taken this round) is logged and listed in
+    ``recorder.skipped``, and the federation goes on (``strict`` raises instead)."""
+    written, taken = [], set()
+    for name, name_notes, record in sorted(named, key=lambda item: item[0]):
+        try:
+            if name in taken:
+                raise GitoolError(f"another client of this round is also named {name}")
+            taken.add(name)
+            path = record(name, name_notes)
+        except Exception as exc:  # a client's bad update must not stop the federation
+            if recorder.strict:
+                raise
+            reason = str(exc) if isinstance(exc, GitoolError) else f"{type(exc).__name__}: {exc}"
+            recorder.skipped.append((server_round, name, reason))
+            log.warning("gitool: round %d, client %s not recorded: %s", server_round, name, reason)
+            continue
+        written.append(path)
+    recorder.written.extend(written)
+    return written
+
+
+def _set_up(recorder, strategy, out_dir, model, facts, client_name, config_keys, strict: bool) -> None:
+    """What both recorders hold: the wrapped strategy, the model and its layout, the
+    declared facts, the config keys and an output folder that holds no recording yet."""
+    from gitool.interop import ModelLayout
+    from gitool.models import ModelSpec, is_user_model, trust_factory
+
+    if isinstance(model, str):
+        model = ModelSpec(name=model)
+    if not isinstance(model, ModelSpec):
+        raise TypeError(f"model must be a gitool.models.ModelSpec or a model name, not {type(model).__name__}")
+    if is_user_model(model.name):
+        trust_factory(model.name)  # named in the operator's code, not read from a file
+    recorder.strategy = strategy
+    recorder.model = model
+    recorder.layout = ModelLayout.of(model)
+    recorder.facts_path, recorder.facts = _declared_facts(facts)
+    recorder.keys = _config_keys(config_keys)
+    recorder.client_name = client_name
+    recorder.strict = strict
+    recorder.out_dir = Path(out_dir)
+    held = sorted(recorder.out_dir.glob("round-*")) if recorder.out_dir.is_dir() else []
+    if held:
+        raise UsageError(f"{recorder.out_dir} already holds a recording ({held[0].name}, ...); the recorder never "
+                         "writes over files: give it an empty or new folder")
+    recorder.written = []
+    recorder.skipped = []
+
+
+def write_client_update(recorder, server_round: int, name: str, name_notes: list[str], before: dict, after: dict,
+                        num_examples: Any, config: Mapping[str, Any], strategy_name: str) -> Path:
+    """One client's round as a gitool update under ``recorder.out_dir``: the global state
+    sent, the state returned, and the facts the config and the declared facts give.
+    Shared by the recorders of Flower's two strategy APIs."""
+    from gitool.files import save_update
+    from gitool.interop import update_of_states
+    from gitool.paths import refuse_overlap
+    from gitool.specs import SpecError, TrainingSpec
+
+    where = f"round {server_round}, client {name}"
+    fit = facts_of_fit(config, num_examples, recorder.facts, recorder.keys)
+    try:
+        TrainingSpec(**fit.facts.get("training", {}))
+    except SpecError as exc:
+        raise GitoolError(f"{where}: the fit config or the declared facts give {exc.key} that "
+                          f"{exc.message}") from None
+    update = update_of_states(recorder.model, recorder.layout, {"before": (before, where), "after": (after, where)},
+                              fit.facts)
+    update.provenance["flower"] = {
+        "server_round": server_round,
+        "client": name,
+        "num_examples": num_examples if isinstance(num_examples, int) and not isinstance(num_examples, bool) else None,
+        "fit_config": config_record(config),
+        "strategy": strategy_name,
+        "derived": fit.derived,
+        "notes": name_notes + fit.notes,
+    }
+    if recorder.facts_path is not None:
+        update.provenance["declared_facts"] = str(recorder.facts_path)
+    path = recorder.out_dir / ROUND_FOLDER.format(server_round) / f"{name}.update.safetensors"
+    if path.exists():
+        raise GitoolError(f"{path} exists; the recorder never writes over a file")
+    refuse_overlap([("the facts file", recorder.facts_path)], [("the update", path)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_update(update, path)
+    return path
 
 
 def _declared_facts(facts: str | Path | Mapping[str, Any] | None) -> tuple[Path | None, dict[str, Any]]:

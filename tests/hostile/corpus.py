@@ -703,6 +703,26 @@ tensor_case("lab-labels-negative", "labels", RVALUES, "a soft label with a negat
 tensor_case("lab-counts-negative", "labels", RVALUES, "negative counts", _tensor("counts", _set_value(-7)))
 tensor_case("lab-counts-float16", "labels", DTYPE, "counts in float16", _tensor("counts", lambda t: t.half()))
 tensor_case("lab-counts-wrong-K", "labels", RVALUES, "counts of length 3", _tensor("counts", lambda t: t[:3]))
+
+
+def _with_softmax(make: Callable[[Any], Any], drop_labels: bool = False):
+    """A per-sample labels file's softmax tensor (issue 15), made from the labels and edited."""
+    def edit(tensors, metadata):
+        tensors["softmax"] = make(tensors["labels"].clone())
+        if drop_labels:
+            del tensors["labels"]
+
+    return edit
+
+
+tensor_case("lab-softmax-wrong-shape", "labels", RVALUES, "softmax 1 x 4 beside labels 1 x 5",
+            _with_softmax(lambda t: t[:, :4]))
+tensor_case("lab-softmax-negative", "labels", RVALUES, "a softmax output below 0", _with_softmax(_set_value(-3.0)))
+tensor_case("lab-softmax-nan", "labels", RVALUES, "a NaN softmax output", _with_softmax(_set_value(float("nan"))))
+tensor_case("lab-softmax-int", "labels", DTYPE, "softmax outputs in int64",
+            _with_softmax(lambda t: t.to(__import__("torch").int64)))
+tensor_case("lab-softmax-alone", "labels", RVALUES, "softmax outputs without labels (counts only)",
+            _with_softmax(lambda t: t, drop_labels=True))
 tensor_case("lab-no-tensors", "labels", RVALUES, "neither labels nor counts",
             lambda t, m: (t.clear(), t.__setitem__("other", __import__("torch").zeros(1))))
 tensor_case("lab-extra-tensor", "labels", RVALUES, "an extra tensor", _extra("extra.x"))
