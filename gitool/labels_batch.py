@@ -287,6 +287,9 @@ SIMULATION_SIZE = 200
 # With batch norm, the simulated path's system is measured at this many of the m + 1
 # steps and interpolated in between (each measurement is one more forward pass).
 SIMULATION_POINTS = 6
+# Draws of the client's batches the simulated system is averaged over (`rlu_math.expected_system`).
+SIMULATION_DRAWS = 4
+SIMULATION_SEED = 0
 # A refinement round that moves at most this fraction of the N labels ends the refinement.
 REFINE_TOLERANCE = 0.02
 
@@ -379,12 +382,21 @@ def recover_rlu(update, layer: OutputLayer, aux, model, refine_rounds: int = 3, 
                                                                layer.batch_size))
             end = system_of(*rlu_math.outputs_with_batch_mix(received, aux.inputs, aux.labels, estimate,
                                                              layer.batch_size))
-        simulated, progress = rlu_math.simulate_drift(
-            model, aux.inputs[keep], aux.labels[keep], estimate.to(aux.inputs.device), steps=layer.steps,
-            batch_size=layer.batch_size, lr=training.lr, optimizer=training.optimizer, momentum=training.momentum,
-            prox_mu=training.prox_mu, weight_decay=training.weight_decay, use_feature_sums=not use_bias,
-            points=SIMULATION_POINTS)
-        return rlu_math.weighted_system(rlu_math.calibrate(simulated, progress, start, end), layer.coefficients)
+        # The client's batches are a random split of its labels: the system is averaged
+        # over SIMULATION_DRAWS splits of the current counts (seeded: same update, same counts).
+        generator = torch.Generator().manual_seed(SIMULATION_SEED)
+        counts = lc.largest_remainder(estimate, layer.total)
+        draws = []
+        for _ in range(SIMULATION_DRAWS):
+            mixes = rlu_math.batch_mixes(counts, layer.steps, layer.batch_size, generator)
+            simulated, progress = rlu_math.simulate_drift(
+                model, aux.inputs[keep], aux.labels[keep], mixes.to(aux.inputs.device), steps=layer.steps,
+                batch_size=layer.batch_size, lr=training.lr, optimizer=training.optimizer,
+                momentum=training.momentum, prox_mu=training.prox_mu, weight_decay=training.weight_decay,
+                use_feature_sums=not use_bias, points=SIMULATION_POINTS)
+            draws.append(rlu_math.weighted_system(rlu_math.calibrate(simulated, progress, start, end),
+                                                  layer.coefficients))
+        return rlu_math.expected_system(draws)
 
     return _unless_runaway(_refine(simulated_system, estimate, residual, observed, layer.total, refine_rounds),
                            global_system, observed, layer.total)
