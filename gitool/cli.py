@@ -488,6 +488,10 @@ def labels(
     drift: Annotated[Optional[str], typer.Option("--drift", help="rlu, m > 1: how the statistics drift over the "
                      "local steps: simulate (the m steps on the auxiliary set, default) | midpoint (one model "
                      "between the global and the received one; cheaper).", rich_help_panel="batch methods")] = None,
+    batch_draws: Annotated[Optional[int], typer.Option("--batch-draws", help="rlu, m > 1: average the simulated "
+                           "system over this many random splits of the counts into the client's batches (0: the mean "
+                           "batch, default; 4 gained up to 0.05 iAcc with momentum, at 4x the time).",
+                           rich_help_panel="batch methods")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for randomised searches (pso) and methods.")] = 0,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="PNG of the search loss over lambda, the chosen "
                     "minimum marked (one update).")] = None,
@@ -504,7 +508,8 @@ def labels(
     with reporting(enabled=not json_output) as progress:
         batch = step.labels(updates=updates, output=output, out_dir=out_dir, method=method, per_sample=per_sample,
                              family=family,
-                             search=search, aux=aux, aux_per_class=aux_per_class, drift=drift, seed=seed, plot=plot,
+                             search=search, aux=aux, aux_per_class=aux_per_class, drift=drift, batch_draws=batch_draws,
+                             seed=seed, plot=plot,
                              model=model,
                              device=device, progress=progress if len(updates) > 1 or updates[0].is_dir() else None)
     if json_output:

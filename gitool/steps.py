@@ -306,7 +306,7 @@ def label_update(path: Path, target: Path, method: str = "auto", options: dict[s
 def labels(*, updates: list[Path], output: Path | None, out_dir: Path | None, method: str, family: str | None,
            search: str | None, aux: str | None, aux_per_class: int | None, seed: int, plot: Path | None,
            model: list[str] | None, device: str, progress: Progress | None = None, drift: str | None = None,
-           per_sample: bool = False) -> Batch:
+           per_sample: bool = False, batch_draws: int | None = None) -> Batch:
     """``gitool labels``: every update's labels file (``per_sample``: --method per-sample)."""
     if per_sample:
         if method not in ("auto", "per-sample"):
@@ -320,7 +320,7 @@ def labels(*, updates: list[Path], output: Path | None, out_dir: Path | None, me
     if output is None and out_dir is None:
         raise UsageError("give -o/--output FILE (or --out-dir DIR for many updates)")
     options = {"family": family, "search": search, "seed": seed, "device": device, "aux": aux,
-               "aux_per_class": aux_per_class, "drift": drift}
+               "aux_per_class": aux_per_class, "drift": drift, "batch_draws": batch_draws}
     label_options(method, options)
     check_device(device)
     check_seed(seed)

@@ -220,3 +220,19 @@ def test_runaway_drift_counts_give_way_to_the_global_models():
     close = (torch.tensor([48, 32, 20]), {"residual": 0.05})  # fits about as well: the drift model stays
     counts, diagnostics = _unless_runaway(close, system, observed, 100)
     assert counts.tolist() == [48, 32, 20] and "fallback" not in diagnostics
+
+
+def test_batch_draws_average_random_splits_and_zero_is_the_mean_batch(capture_factory):
+    """--batch-draws R averages RLU's simulated system over R seeded splits of the counts
+    into the client's batches; 0 (the default) keeps the mean batch. On an untrained
+    LeNet both recover every count, the same seed gives the same counts, and the option
+    is recorded as used."""
+    update, truth = capture_update(capture_factory, "draws", batch=16, steps=8, alpha=0.5, seed=3, lr=0.05)
+    plain = recover_labels(update, "rlu", AUX)
+    drawn = recover_labels(update, "rlu", {**AUX, "batch_draws": 2})
+    assert plain.options["batch_draws"] == 0 and drawn.options["batch_draws"] == 2
+    for outcome in (plain, drawn):
+        assert score_counts(outcome.counts, truth.counts)["iAcc"] == 1.0
+    assert recover_labels(update, "rlu", {**AUX, "batch_draws": 2}).counts.tolist() == drawn.counts.tolist()
+    with pytest.raises(UsageError, match="--batch-draws must be in"):
+        recover_labels(update, "rlu", {**AUX, "batch_draws": 65})
